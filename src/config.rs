@@ -43,6 +43,10 @@ pub struct Config {
     #[arg(long, env = "PUBSUB_MAX_PAYLOAD", default_value_t = DEFAULT_MAX_PAYLOAD)]
     pub max_payload: usize,
 
+    /// Largest HTTP request head, in bytes (431 past it).
+    #[arg(long, env = "PUBSUB_MAX_HEAD", default_value_t = 16 * 1024)]
+    pub max_head: usize,
+
     /// Most connections served at once by the whole process.
     #[arg(long, env = "PUBSUB_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
