@@ -184,7 +184,6 @@ impl Unacked {
 #[derive(Debug)]
 struct Consumer {
     id: ConsumerId,
-    mode: AckMode,
     window: usize,
     active: bool,
     next_dseq: u64,
@@ -388,7 +387,6 @@ impl QueueState {
         };
         self.consumers.push(Consumer {
             id,
-            mode,
             window,
             active: true,
             next_dseq: 1,

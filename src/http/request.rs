@@ -62,6 +62,19 @@ pub enum Method {
 }
 
 impl Method {
+    /// The method's token (`OTHER` for methods the broker does not route).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+            Method::Put => "PUT",
+            Method::Delete => "DELETE",
+            Method::Head => "HEAD",
+            Method::Options => "OPTIONS",
+            Method::Other => "OTHER",
+        }
+    }
+
     fn from_token(token: &str) -> Method {
         match token {
             "GET" => Method::Get,

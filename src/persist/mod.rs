@@ -17,6 +17,7 @@
 //! `docs/persistence.md` has the schema, the design and the failure behaviour.
 
 mod checkpoint;
+pub mod core;
 mod error;
 mod migrations;
 mod postgres;

@@ -38,6 +38,8 @@ use crate::routing::{ConnKey, Pending, QueueHandle, Ticket, Topology, TopologyEr
 use crate::sync::notify::Notify;
 use crate::sync::snapshot::{pin, Snapshot};
 use crate::sync::spsc;
+use crate::persist::core::{CoreEnds, PersistMsg};
+use crate::persist::{QueueArgs, Record, StoredMessage, Store};
 
 use self::signal::{oneshot, OneshotTx, Signal};
 
@@ -206,6 +208,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Set when the process is stopping.
     pub stopping: std::sync::atomic::AtomicBool,
+    /// Set by the persistence core once its final checkpoint is written.
+    pub flushed: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -217,18 +221,82 @@ impl Shared {
             topology: Snapshot::new(topology),
             metrics: Metrics::new(shards),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            flushed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
 
-/// The sending side of a link to another shard.
-struct Link {
-    ring: RefCell<spsc::Producer<ShardMsg>>,
+/// The sending side of a link to another executor (a shard or the persistence core).
+struct Link<T: 'static> {
+    ring: RefCell<spsc::Producer<T>>,
     /// Messages that found the ring full, in order; moved in by a flusher task.
-    overflow: RefCell<VecDeque<ShardMsg>>,
+    overflow: RefCell<VecDeque<T>>,
     flushing: Cell<bool>,
     notify: Arc<Notify>,
     bell: ConnectedSender<u8>,
+}
+
+impl<T: 'static> Link<T> {
+    fn new(ring: spsc::Producer<T>, notify: Arc<Notify>, bell: ConnectedSender<u8>) -> Rc<Self> {
+        Rc::new(Self {
+            ring: RefCell::new(ring),
+            overflow: RefCell::new(VecDeque::new()),
+            flushing: Cell::new(false),
+            notify,
+            bell,
+        })
+    }
+
+    /// Pushes `msg`, ringing the doorbell if the other side parked; a full ring spills
+    /// into the overflow list, which a task moves over as room appears.
+    fn push(self: &Rc<Self>, msg: T) {
+        let pushed = if self.overflow.borrow().is_empty() {
+            self.ring.borrow_mut().push(msg)
+        } else {
+            Err(msg)
+        };
+        match pushed {
+            Ok(()) => {
+                if self.notify.should_wake() {
+                    let _ = self.bell.try_send(1);
+                }
+            }
+            Err(msg) => {
+                self.overflow.borrow_mut().push_back(msg);
+                if !self.flushing.replace(true) {
+                    let link = self.clone();
+                    glommio::spawn_local(async move { link.flush_overflow().await }).detach();
+                }
+            }
+        }
+    }
+
+    fn backed_up(&self) -> bool {
+        !self.overflow.borrow().is_empty()
+    }
+
+    async fn flush_overflow(self: Rc<Self>) {
+        loop {
+            {
+                let mut over = self.overflow.borrow_mut();
+                let mut ring = self.ring.borrow_mut();
+                while let Some(m) = over.pop_front() {
+                    if let Err(m) = ring.push(m) {
+                        over.push_front(m);
+                        break;
+                    }
+                }
+            }
+            if self.notify.should_wake() {
+                let _ = self.bell.try_send(1);
+            }
+            if self.overflow.borrow().is_empty() {
+                self.flushing.set(false);
+                return;
+            }
+            glommio::timer::sleep(Duration::from_micros(100)).await;
+        }
+    }
 }
 
 /// What a connection learns from its shard.
@@ -307,7 +375,8 @@ pub struct Shard {
     pub id: usize,
     /// What all shards share.
     pub shared: Arc<Shared>,
-    links: RefCell<Vec<Option<Rc<Link>>>>,
+    links: RefCell<Vec<Option<Rc<Link<ShardMsg>>>>>,
+    persist: RefCell<Option<Rc<Link<PersistMsg>>>>,
     local: RefCell<VecDeque<ShardMsg>>,
     local_signal: Signal,
     queues: RefCell<HashMap<u64, QueueState>>,
@@ -334,6 +403,7 @@ impl Shard {
             id,
             shared,
             links: RefCell::new(Vec::new()),
+            persist: RefCell::new(None),
             local: RefCell::new(VecDeque::new()),
             local_signal: Signal::default(),
             queues: RefCell::new(HashMap::new()),
@@ -359,29 +429,20 @@ impl Shard {
             return;
         }
         let link = self.links.borrow().get(to).and_then(|l| l.clone());
-        let Some(link) = link else {
-            tracing::error!(to, "no link to shard; message dropped");
-            return;
-        };
-        let pushed = if link.overflow.borrow().is_empty() {
-            link.ring.borrow_mut().push(msg)
-        } else {
-            Err(msg)
-        };
-        match pushed {
-            Ok(()) => {
-                if link.notify.should_wake() {
-                    let _ = link.bell.try_send(1);
-                }
-            }
-            Err(msg) => {
-                link.overflow.borrow_mut().push_back(msg);
-                if !link.flushing.replace(true) {
-                    let link = link.clone();
-                    glommio::spawn_local(async move {
-                        flush_overflow(&link).await;
-                    })
-                    .detach();
+        match link {
+            Some(link) => link.push(msg),
+            None => tracing::error!(to, "no link to shard; message dropped"),
+        }
+    }
+
+    /// Hands a durable change to the persistence core.
+    fn send_persist(&self, msg: PersistMsg) {
+        let link = self.persist.borrow().clone();
+        match link {
+            Some(link) => link.push(msg),
+            None => {
+                if let Some(t) = msg.ticket {
+                    tracing::error!(token = t.token, "no persistence core; confirm cannot be answered");
                 }
             }
         }
@@ -389,7 +450,8 @@ impl Shard {
 
     /// True while some link is backed up (publishers should slow down).
     pub fn congested(&self) -> bool {
-        self.links.borrow().iter().flatten().any(|l| !l.overflow.borrow().is_empty())
+        self.links.borrow().iter().flatten().any(|l| l.backed_up())
+            || self.persist.borrow().as_ref().is_some_and(|l| l.backed_up())
     }
 
     /// Registers a connection and returns its number and mailbox.
@@ -601,11 +663,28 @@ impl Shard {
         }
     }
 
-    /// Hands a durable change to the persistence core (answers confirms at once when
-    /// there is none).
-    fn persist_op(self: &Rc<Self>, _src: &Arc<QueueHandle>, op: crate::queue::PersistOp) {
-        if let crate::queue::PersistOp::Enqueued { ticket: Some(t), .. } = op {
-            self.send(t.shard, ShardMsg::Confirmed { token: t.token, ok: true });
+    /// Hands a queue's durable change to the persistence core.
+    fn persist_op(self: &Rc<Self>, src: &Arc<QueueHandle>, op: crate::queue::PersistOp) {
+        use crate::queue::PersistOp;
+        let queue = src.name.clone();
+        let (rec, ticket) = match op {
+            PersistOp::Enqueued { seq, msg, ticket } => (Record::enqueued(queue, seq, stored(&msg)), ticket),
+            PersistOp::Delivered { seq } => (Record::Delivered { queue, seq }, None),
+            PersistOp::Removed { seq } => (Record::Removed { queue, seq }, None),
+        };
+        self.send_persist(PersistMsg { rec, ticket });
+    }
+
+    /// Writes a durable topology change and waits for its commit.
+    async fn commit(self: &Rc<Self>, rec: Record) -> Result<(), BrokerError> {
+        let token = self.token();
+        let (tx, rx) = oneshot();
+        self.waiters.borrow_mut().insert(token, Waiter::Confirm { remaining: 1, ok: true, target: ConfirmTarget::Http(tx) });
+        self.send_persist(PersistMsg { rec, ticket: Some(Ticket { shard: self.id, token }) });
+        match rx.await {
+            Some(true) => Ok(()),
+            Some(false) => Err(BrokerError::Store("the change is in effect but could not be written to the store".into())),
+            None => Err(BrokerError::ShuttingDown),
         }
     }
 
@@ -695,26 +774,45 @@ impl Shard {
     }
 
     /// `POST /exchanges`: true when created, false when an identical one existed.
-    pub async fn declare_exchange(&self, d: &ExchangeDecl) -> Result<bool, BrokerError> {
+    /// A durable exchange is answered once it is committed.
+    pub async fn declare_exchange(self: &Rc<Self>, d: &ExchangeDecl) -> Result<bool, BrokerError> {
         match self.shared.topology.update(|t| t.declare_exchange(d)) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                if d.durable {
+                    self.commit(Record::ExchangeDeclared { name: d.name.clone(), kind: d.kind.as_str().to_owned() }).await?;
+                }
+                Ok(true)
+            }
             Err(TopologyError::Unchanged) => Ok(false),
             Err(e) => Err(e.into()),
         }
     }
 
     /// `DELETE /exchanges/{name}`.
-    pub async fn delete_exchange(&self, name: &str) -> Result<(), BrokerError> {
-        self.shared.topology.update(|t| t.delete_exchange(name).map(|(n, _)| n))?;
+    pub async fn delete_exchange(self: &Rc<Self>, name: &str) -> Result<(), BrokerError> {
+        let mut durable = false;
+        self.shared.topology.update(|t| {
+            let (next, old) = t.delete_exchange(name)?;
+            durable = old.durable;
+            Ok::<_, TopologyError>(next)
+        })?;
+        if durable {
+            self.commit(Record::ExchangeDeleted { name: name.to_owned() }).await?;
+        }
         Ok(())
     }
 
-    /// `POST /queues`: true when created.
-    pub async fn declare_queue(&self, d: &QueueDecl) -> Result<bool, BrokerError> {
+    /// `POST /queues`: true when created. A durable queue is answered once committed.
+    pub async fn declare_queue(self: &Rc<Self>, d: &QueueDecl) -> Result<bool, BrokerError> {
         let home = crate::routing::placement(&d.name, self.shared.shards);
         let handle = Arc::new(QueueHandle::new(&d.name, d.spec.clone(), home, None));
         match self.shared.topology.update(|t| t.declare_queue(handle.clone())) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                if d.spec.durable {
+                    self.commit(Record::QueueDeclared { name: d.name.clone(), args: queue_args(&d.spec) }).await?;
+                }
+                Ok(true)
+            }
             Err(TopologyError::Unchanged) => Ok(false),
             Err(e) => Err(e.into()),
         }
@@ -722,35 +820,55 @@ impl Shard {
 
     /// `DELETE /queues/{name}`: its subscribers are told `queue_deleted`.
     pub async fn delete_queue(self: &Rc<Self>, name: &str) -> Result<(), BrokerError> {
-        self.remove_queue(name)
+        if let Some(old) = self.remove_queue(name)? {
+            if old.spec.durable {
+                self.commit(Record::QueueDeleted { name: name.to_owned() }).await?;
+            }
+        }
+        Ok(())
     }
 
-    fn remove_queue(self: &Rc<Self>, name: &str) -> Result<(), BrokerError> {
+    fn remove_queue(self: &Rc<Self>, name: &str) -> Result<Option<Arc<QueueHandle>>, BrokerError> {
         let mut removed = None;
         self.shared.topology.update(|t| {
             let (next, old) = t.delete_queue(name)?;
             removed = Some(old);
             Ok::<_, TopologyError>(next)
         })?;
-        if let Some(old) = removed {
+        if let Some(old) = &removed {
             old.deleted.store(true, Ordering::Release);
-            self.send(old.home, ShardMsg::DeleteQueue(old));
+            self.send(old.home, ShardMsg::DeleteQueue(old.clone()));
         }
-        Ok(())
+        Ok(removed)
+    }
+
+    fn binding_is_durable(&self, d: &BindingDecl) -> bool {
+        let guard = pin();
+        let topo = self.shared.topology.load(&guard);
+        topo.exchange(&d.exchange).is_some_and(|x| x.durable) && topo.queue(&d.queue).is_some_and(|q| q.spec.durable)
     }
 
     /// `POST /bindings`: true when created.
-    pub async fn bind(&self, d: &BindingDecl) -> Result<bool, BrokerError> {
+    pub async fn bind(self: &Rc<Self>, d: &BindingDecl) -> Result<bool, BrokerError> {
         match self.shared.topology.update(|t| t.bind(d)) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                if self.binding_is_durable(d) {
+                    self.commit(Record::Bound { exchange: d.exchange.clone(), queue: d.queue.clone(), key: d.key.clone() }).await?;
+                }
+                Ok(true)
+            }
             Err(TopologyError::Unchanged) => Ok(false),
             Err(e) => Err(e.into()),
         }
     }
 
     /// `DELETE /bindings`.
-    pub async fn unbind(&self, d: &BindingDecl) -> Result<(), BrokerError> {
+    pub async fn unbind(self: &Rc<Self>, d: &BindingDecl) -> Result<(), BrokerError> {
+        let durable = self.binding_is_durable(d);
         self.shared.topology.update(|t| t.unbind(d))?;
+        if durable {
+            self.commit(Record::Unbound { exchange: d.exchange.clone(), queue: d.queue.clone(), key: d.key.clone() }).await?;
+        }
         Ok(())
     }
 
@@ -807,7 +925,9 @@ impl Shard {
     /// go back to the queue. An exclusive queue is deleted with its subscription.
     pub fn end_subscription(self: &Rc<Self>, id: ConsumerId, queue: &Arc<QueueHandle>, closed: bool) {
         if queue.exclusive.is_some() {
-            let _ = self.remove_queue(&queue.name);
+            if let Err(e) = self.remove_queue(&queue.name) {
+                tracing::debug!(queue = %queue.name, error = %e, "exclusive queue already gone");
+            }
             return;
         }
         self.send(queue.home, ShardMsg::RemoveConsumer { queue: queue.id, id, requeue: closed });
@@ -940,6 +1060,33 @@ impl Shard {
     }
 }
 
+/// The stored form of a queue's settings.
+pub fn queue_args(spec: &QueueSpec) -> QueueArgs {
+    QueueArgs {
+        max_length: spec.max_length,
+        message_ttl_ms: spec.message_ttl_ms,
+        overflow: Some(spec.overflow.as_str().to_owned()),
+        dead_letter_exchange: spec.dead_letter_exchange.clone(),
+    }
+}
+
+fn json_to_string(token: &[u8]) -> String {
+    serde_json::from_slice::<String>(token).unwrap_or_default()
+}
+
+/// The stored form of a message.
+fn stored(m: &Message) -> StoredMessage {
+    StoredMessage {
+        id: m.id.as_str().to_owned(),
+        exchange: json_to_string(&m.exchange_json),
+        routing_key: String::from_utf8_lossy(&m.routing_key).into_owned(),
+        body: m.body.clone(),
+        headers: m.headers.clone(),
+        published_at_ms: m.published_at,
+        expires_at_ms: m.expires_at,
+    }
+}
+
 fn exchange_value(x: &crate::routing::Exchange) -> serde_json::Value {
     serde_json::json!({"name": &*x.name, "type": x.kind.as_str(), "durable": x.durable})
 }
@@ -963,6 +1110,7 @@ fn queue_value(q: &QueueHandle) -> serde_json::Value {
 struct Wiring {
     out: Vec<Option<(spsc::Producer<ShardMsg>, Arc<Notify>, SharedSender<u8>)>>,
     inc: Vec<(spsc::Consumer<ShardMsg>, Arc<Notify>, SharedReceiver<u8>)>,
+    persist: Option<(spsc::Producer<PersistMsg>, Arc<Notify>, SharedSender<u8>)>,
 }
 
 /// The CPUs this process may run on.
@@ -980,16 +1128,34 @@ fn allowed_cpus() -> Vec<usize> {
         .collect()
 }
 
-/// Starts every shard and blocks until they stop. `restored` holds the durable
-/// queues' messages read back at start, handed to their home shards.
-pub fn run(shared: Arc<Shared>, restored: Vec<RestoredQueue>) -> std::io::Result<()> {
+/// Starts the persistence core and every shard, and blocks until the shards stop.
+/// `restored` holds the durable queues' messages read back at start, handed to their
+/// home shards.
+pub fn run(shared: Arc<Shared>, store: Box<dyn Store>, restored: Vec<RestoredQueue>) -> std::io::Result<()> {
     let n = shared.shards;
     let mut wiring: Vec<Wiring> = (0..n)
         .map(|_| Wiring {
             out: (0..n).map(|_| None).collect(),
             inc: Vec::new(),
+            persist: None,
         })
         .collect();
+    let mut core_ends = Vec::new();
+    for w in wiring.iter_mut() {
+        let (to_core, from_shard) = spsc::channel(RING_CAPACITY);
+        let up_notify = Arc::new(Notify::new());
+        let (up_bs, up_br) = shared_channel::new_bounded::<u8>(1);
+        let (to_shard, from_core) = spsc::channel(RING_CAPACITY);
+        let down_notify = Arc::new(Notify::new());
+        let (down_bs, down_br) = shared_channel::new_bounded::<u8>(1);
+        w.persist = Some((to_core, up_notify.clone(), up_bs));
+        w.inc.push((from_core, down_notify.clone(), down_br));
+        core_ends.push(CoreEnds {
+            from_shard: (from_shard, up_notify, up_br),
+            to_shard: (to_shard, down_notify, down_bs),
+        });
+    }
+    crate::persist::core::spawn(shared.clone(), store, core_ends)?;
     for from in 0..n {
         for to in 0..n {
             if from == to {
@@ -1060,20 +1226,17 @@ async fn shard_main(i: usize, shared: Arc<Shared>, w: Wiring, restored: Vec<Rest
             pending.push(glommio::spawn_local(async move { (to, ring, notify, bell.connect().await) }));
         }
     }
-    let mut links: Vec<Option<Rc<Link>>> = (0..shared.shards).map(|_| None).collect();
+    let mut links: Vec<Option<Rc<Link<ShardMsg>>>> = (0..shared.shards).map(|_| None).collect();
     for t in pending {
         let (to, ring, notify, bell) = t.await;
         if let Some(slot) = links.get_mut(to) {
-            *slot = Some(Rc::new(Link {
-                ring: RefCell::new(ring),
-                overflow: RefCell::new(VecDeque::new()),
-                flushing: Cell::new(false),
-                notify,
-                bell,
-            }));
+            *slot = Some(Link::new(ring, notify, bell));
         }
     }
     *shard.links.borrow_mut() = links;
+    if let Some((ring, notify, bell)) = w.persist {
+        *shard.persist.borrow_mut() = Some(Link::new(ring, notify, bell.connect().await));
+    }
     {
         let shard = shard.clone();
         glommio::spawn_local(async move { local_task(shard).await }).detach();
@@ -1162,25 +1325,62 @@ async fn tick_task(shard: Rc<Shard>) {
     }
 }
 
-async fn flush_overflow(link: &Rc<Link>) {
-    loop {
-        {
-            let mut over = link.overflow.borrow_mut();
-            let mut ring = link.ring.borrow_mut();
-            while let Some(m) = over.pop_front() {
-                if let Err(m) = ring.push(m) {
-                    over.push_front(m);
-                    break;
-                }
-            }
+
+/// Rebuilds the topology and the queues' backlogs from what the store returned.
+pub fn rebuild(rec: crate::persist::Recovered, shards: usize) -> (Topology, Vec<RestoredQueue>) {
+    use crate::command::{ExchangeKind, Overflow};
+    let mut topo = Topology::default();
+    for (name, kind) in &rec.exchanges {
+        let Some(kind) = ExchangeKind::parse(kind) else {
+            tracing::warn!(exchange = %name, kind = %kind, "stored exchange has an unknown type; skipped");
+            continue;
+        };
+        if let Ok(next) = topo.declare_exchange(&ExchangeDecl { name: name.clone(), kind, durable: true }) {
+            topo = next;
         }
-        if link.notify.should_wake() {
-            let _ = link.bell.try_send(1);
-        }
-        if link.overflow.borrow().is_empty() {
-            link.flushing.set(false);
-            return;
-        }
-        glommio::timer::sleep(Duration::from_micros(100)).await;
     }
+    for (name, args) in &rec.queues {
+        let spec = QueueSpec {
+            durable: true,
+            max_length: args.max_length,
+            message_ttl_ms: args.message_ttl_ms,
+            overflow: args.overflow.as_deref().and_then(Overflow::parse).unwrap_or_default(),
+            dead_letter_exchange: args.dead_letter_exchange.clone(),
+        };
+        let home = crate::routing::placement(name, shards);
+        if let Ok(next) = topo.declare_queue(Arc::new(QueueHandle::new(name, spec, home, None))) {
+            topo = next;
+        }
+    }
+    for (exchange, queue, key) in &rec.bindings {
+        let d = BindingDecl { exchange: exchange.clone(), queue: queue.clone(), key: key.clone() };
+        if let Ok(next) = topo.bind(&d) {
+            topo = next;
+        }
+    }
+    let mut restored = Vec::new();
+    let mut ids = IdGen::new(usize::MAX >> 8);
+    for (queue, messages) in rec.messages {
+        let Some(handle) = topo.queue(&queue).cloned() else { continue };
+        let messages = messages
+            .into_iter()
+            .map(|m| {
+                let s = m.msg;
+                let msg = Message {
+                    id: MessageId::parse(&s.id).unwrap_or_else(|| ids.next_id()),
+                    exchange_json: crate::routing::json_string(&s.exchange),
+                    routing_key_json: crate::routing::json_string(&s.routing_key),
+                    routing_key: Bytes::from(s.routing_key),
+                    body: s.body,
+                    headers: s.headers,
+                    published_at: s.published_at_ms,
+                    expires_at: s.expires_at_ms,
+                    persistent: true,
+                };
+                (Arc::new(msg), m.seq, m.delivered)
+            })
+            .collect();
+        restored.push(RestoredQueue { handle, messages });
+    }
+    (topo, restored)
 }
