@@ -30,4 +30,4 @@ pub use migrations::{Migration, MIGRATIONS, SCHEMA_VERSION};
 pub use postgres::PgStore;
 pub use record::{CommitStats, QueueArgs, Record, Recovered, RecoveredMessage, StoredMessage};
 pub use sqlite::SqliteStore;
-pub use store::{open, Backend, Store, SQLITE_FILE_NAME};
+pub use store::{commit_isolating, open, Backend, Store, SQLITE_FILE_NAME};

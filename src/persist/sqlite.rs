@@ -13,7 +13,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use super::error::{chain, PersistError};
 use super::migrations::{self, Dialect};
 use super::record::{CommitStats, QueueArgs, Record, Recovered, RecoveredMessage, StoredMessage};
-use super::store::{assemble, ensure_writable_dir, sql, to_i64, to_u64, Store};
+use super::store::{assemble, ensure_writable_dir, sql, to_i64, to_u64, utf8, Store};
 
 /// How long a statement waits for a lock held by another connection (a second process on
 /// the same file) before failing with `SQLITE_BUSY`.
@@ -34,6 +34,16 @@ impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore, PersistError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             ensure_writable_dir(dir)?;
+        }
+        // SQLite silently opens a read-only file read-only; fail early and clearly instead.
+        if path.exists() {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .map_err(|source| PersistError::Unwritable {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
         }
         let conn = Connection::open(path).map_err(|e| PersistError::Unwritable {
             path: path.to_path_buf(),
@@ -139,16 +149,20 @@ fn apply(tx: &rusqlite::Transaction<'_>, rec: &Record) -> Result<usize, PersistE
             exchange,
             queue,
             key,
-        } => tx
-            .prepare_cached(sql::INSERT_BINDING)?
-            .execute(params![exchange, queue, key])?,
+        } => tx.prepare_cached(sql::INSERT_BINDING)?.execute(params![
+            exchange,
+            queue,
+            key.as_bytes()
+        ])?,
         Record::Unbound {
             exchange,
             queue,
             key,
-        } => tx
-            .prepare_cached(sql::DELETE_BINDING)?
-            .execute(params![exchange, queue, key])?,
+        } => tx.prepare_cached(sql::DELETE_BINDING)?.execute(params![
+            exchange,
+            queue,
+            key.as_bytes()
+        ])?,
         Record::Enqueued {
             queue,
             seq,
@@ -159,7 +173,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, rec: &Record) -> Result<usize, PersistE
             to_i64(*seq, "seq")?,
             msg.id,
             msg.exchange,
-            msg.routing_key,
+            msg.routing_key.as_bytes(),
             &msg.body[..],
             msg.headers.as_deref(),
             to_i64(msg.published_at_ms, "published_at_ms")?,
@@ -202,8 +216,12 @@ impl Store for SqliteStore {
         };
         let bindings = {
             let mut st = tx.prepare(sql::SELECT_BINDINGS)?;
-            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-            rows.collect::<Result<Vec<(String, String, String)>, _>>()?
+            let mut rows = st.query([])?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next()? {
+                out.push((r.get(0)?, r.get(1)?, utf8(r.get(2)?, "binding key")?));
+            }
+            out
         };
         let messages = {
             let mut st = tx.prepare(sql::SELECT_MESSAGES)?;
@@ -216,7 +234,7 @@ impl Store for SqliteStore {
                 let msg = StoredMessage {
                     id: r.get(2)?,
                     exchange: r.get(3)?,
-                    routing_key: r.get(4)?,
+                    routing_key: utf8(r.get(4)?, "routing key")?,
                     body: body.into(),
                     headers: headers.map(Into::into),
                     published_at_ms: to_u64(r.get(7)?, "published_at")?,
