@@ -640,6 +640,18 @@ fn sqlite_uses_wal_and_full_sync() {
 }
 
 #[test]
+fn sqlite_second_store_on_same_dir_is_locked_out() {
+    let dir = TempDir::new("lock");
+    let backend = dir.backend();
+    let first = open(&backend).unwrap();
+    let err = open(&backend).err().expect("second open must fail");
+    assert!(matches!(err, PersistError::Locked { .. }), "{err:?}");
+    assert!(err.to_string().contains("another pubsub"), "{err}");
+    drop(first);
+    open(&backend).unwrap().ping().unwrap();
+}
+
+#[test]
 fn sqlite_newer_schema_version_is_refused() {
     let dir = TempDir::new("version");
     let backend = dir.backend();

@@ -3,8 +3,13 @@
 //! `synchronous=FULL` makes every commit fsync the write-ahead log, so a committed checkpoint
 //! survives power loss: that is what lets the persistence thread answer confirms after
 //! [`Store::commit`]. Statements go through rusqlite's prepared-statement cache; each commit is
-//! one `BEGIN IMMEDIATE` transaction.
+//! one `BEGIN IMMEDIATE` transaction. An exclusive `flock` on `pubsub.lock` next to the file
+//! keeps a second server off the same data directory (the kernel drops it when the process
+//! dies, even by `kill -9`).
 
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -26,6 +31,8 @@ pub const SQLITE_STATEMENT_CACHE: usize = 32;
 pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
+    /// Holds the exclusive lock for as long as the store lives.
+    _lock: File,
 }
 
 impl SqliteStore {
@@ -45,6 +52,7 @@ impl SqliteStore {
                     source,
                 })?;
         }
+        let lock = lock_exclusive(path)?;
         let conn = Connection::open(path).map_err(|e| PersistError::Unwritable {
             path: path.to_path_buf(),
             source: std::io::Error::other(chain(&e)),
@@ -52,6 +60,7 @@ impl SqliteStore {
         let mut store = SqliteStore {
             conn,
             path: path.to_path_buf(),
+            _lock: lock,
         };
         store.configure()?;
         store.migrate()?;
@@ -99,6 +108,35 @@ impl SqliteStore {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// Takes the exclusive lock `<db file stem>.lock` next to the database, writing our pid
+/// into it for whoever finds it.
+fn lock_exclusive(db_path: &Path) -> Result<File, PersistError> {
+    let lock_path = db_path.with_extension("lock");
+    let unwritable = |source| PersistError::Unwritable {
+        path: lock_path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&lock_path)
+        .map_err(unwritable)?;
+    // SAFETY: `file` owns an open descriptor for the whole call; flock takes no pointers.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(PersistError::Locked { path: lock_path });
+        }
+        return Err(PersistError::Io(err));
+    }
+    file.set_len(0).map_err(unwritable)?;
+    writeln!(file, "{}", std::process::id()).map_err(unwritable)?;
+    Ok(file)
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).
