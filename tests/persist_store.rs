@@ -881,3 +881,115 @@ fn pg_throughput() {
     };
     throughput(&s.backend(), "postgres");
 }
+
+// ---------------------------------------------------------------- kill -9 (both backends)
+
+/// Environment variable that turns `crash_child_helper` into the child of a crash test: it
+/// holds the `--database` value ("" for SQLite) and `CRASH_DATA_DIR` the data dir.
+const CRASH_DB_ENV: &str = "PUBSUB_PERSIST_CRASH_DB";
+const CRASH_DIR_ENV: &str = "PUBSUB_PERSIST_CRASH_DIR";
+const CRASH_BATCH: u64 = 50;
+
+fn crash_seqs(batch_no: u64) -> std::ops::RangeInclusive<u64> {
+    (batch_no - 1) * CRASH_BATCH + 1..=batch_no * CRASH_BATCH
+}
+
+/// Not a test on its own: the child process of the kill -9 tests (run with `--ignored`). It
+/// commits batch after batch and prints `ok N` after each commit returned.
+#[test]
+#[ignore = "child process of the kill -9 tests"]
+fn crash_child_helper() {
+    use std::io::Write;
+    let db = std::env::var(CRASH_DB_ENV).expect("run by the kill -9 tests only");
+    let dir = PathBuf::from(std::env::var(CRASH_DIR_ENV).unwrap());
+    let backend = Backend::from_config(&dir, Some(db.as_str()).filter(|d| !d.is_empty())).unwrap();
+    let mut store = open(&backend).unwrap();
+    store
+        .commit(&[Record::QueueDeclared {
+            name: "crash".into(),
+            args: QueueArgs::default(),
+        }])
+        .unwrap();
+    let q: Arc<str> = "crash".into();
+    let mut out = std::io::stdout().lock();
+    for batch_no in 1.. {
+        let batch: Vec<Record> = crash_seqs(batch_no)
+            .map(|seq| Record::enqueued(q.clone(), seq, msg(&format!("c{seq}"), BODY2, None)))
+            .collect();
+        store.commit(&batch).unwrap();
+        writeln!(out, "ok {batch_no}").unwrap();
+        out.flush().unwrap();
+    }
+}
+
+/// Runs the child, SIGKILLs it after some commits, reopens and checks that every batch whose
+/// commit returned is there, and that batches are all or nothing.
+fn kill_9_loses_no_committed_batch(backend: &Backend, dir: &Path, db: &str) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "crash_child_helper",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(CRASH_DB_ENV, db)
+        .env(CRASH_DIR_ENV, dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut last_ok = 0u64;
+    while last_ok < 30 {
+        let line = lines.next().expect("child ended early").unwrap();
+        if let Some(n) = line.strip_prefix("ok ") {
+            last_ok = n.parse().unwrap();
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    for line in lines {
+        if let Some(n) = line.unwrap().strip_prefix("ok ") {
+            last_ok = n.parse().unwrap();
+        }
+    }
+    let rec = open(backend).unwrap().load().unwrap();
+    let seqs: Vec<u64> = rec
+        .messages
+        .iter()
+        .find(|(q, _)| q == "crash")
+        .map(|(_, m)| m.iter().map(|m| m.seq).collect())
+        .unwrap_or_default();
+    let batches = seqs.len() as u64 / CRASH_BATCH;
+    assert_eq!(
+        seqs.len() as u64 % CRASH_BATCH,
+        0,
+        "a batch was half written"
+    );
+    assert!(
+        batches == last_ok || batches == last_ok + 1,
+        "{last_ok} commits returned, {batches} batches on disk"
+    );
+    assert!(
+        seqs.iter().copied().eq(1..=batches * CRASH_BATCH),
+        "gaps or disorder"
+    );
+    println!("kill -9 after {last_ok} confirmed commits: {batches} batches recovered");
+}
+
+#[test]
+fn sqlite_kill_9_loses_no_committed_batch() {
+    let dir = TempDir::new("kill9");
+    let data = dir.0.join("data");
+    kill_9_loses_no_committed_batch(&dir.backend(), &data, "");
+}
+
+#[test]
+fn pg_kill_9_loses_no_committed_batch() {
+    let Some(s) = PgSchema::new("kill9") else {
+        return;
+    };
+    kill_9_loses_no_committed_batch(&s.backend(), Path::new("/nonexistent"), &s.url());
+}
