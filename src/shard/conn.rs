@@ -41,6 +41,9 @@ const WRITE_HIGH_WATER: usize = 1024 * 1024;
 /// Room for the JSON around a payload in a request body or frame.
 const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
 
+/// How long a connection waits before looking again at a backed-up shard.
+const CONGESTION_PAUSE: std::time::Duration = std::time::Duration::from_micros(200);
+
 const CONSOLE_HTML: &str = include_str!("console.html");
 
 enum Proto {
@@ -74,6 +77,8 @@ struct WsState {
     /// Auto-ack deliveries in the write buffer: (end offset in bytes ever buffered, sub, queue, home).
     marks: VecDeque<(u64, u64, u64, usize)>,
     closing: bool,
+    /// When the server pinged an idle client (ms since the epoch), if it did.
+    pinged_at: Option<u64>,
 }
 
 /// Serves one accepted connection until it closes.
@@ -143,8 +148,13 @@ impl Conn {
                 Proto::Ws(_) => self.process_ws(),
             }
             self.process_events();
+            self.check_idle();
             if self.close_after_flush && self.wbuf.is_empty() {
                 return Ok(());
+            }
+            // Durable or cross-shard work backed up: stop taking more until it drains.
+            while self.shard.congested() {
+                glommio::timer::sleep(CONGESTION_PAUSE).await;
             }
             match self.wait().await? {
                 Wake::Eof => return Ok(()),
@@ -504,6 +514,7 @@ impl Conn {
                     tag_base: 1,
                     marks: VecDeque::new(),
                     closing: false,
+                    pinged_at: None,
                 }));
             }
             Err(e) => {
@@ -552,6 +563,33 @@ impl Conn {
             }
         }
         self.note_buffered();
+    }
+
+    /// Pings a WebSocket client that has been silent for the idle interval, and closes
+    /// one that stayed silent for another interval after the ping.
+    fn check_idle(&mut self) {
+        let idle_ms = self.shard.shared.config.ws_idle_secs.saturating_mul(1000).max(1000);
+        let last = self.inbox.last_rx.get();
+        let now = now_ms();
+        let Proto::Ws(ws) = &mut self.proto else { return };
+        if ws.closing {
+            return;
+        }
+        match ws.pinged_at {
+            Some(_) if last > now.saturating_sub(idle_ms) => ws.pinged_at = None,
+            Some(at) if now.saturating_sub(at) >= idle_ms => {
+                ws::write_close(&mut self.wbuf, 1001, "idle timeout");
+                self.ws_closing();
+                self.note_buffered();
+            }
+            Some(_) => {}
+            None if now.saturating_sub(last) >= idle_ms => {
+                ws.pinged_at = Some(now);
+                ws::write_ping(&mut self.wbuf, b"pubsub");
+                self.note_buffered();
+            }
+            None => {}
+        }
     }
 
     fn ws_closing(&mut self) {
