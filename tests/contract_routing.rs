@@ -97,7 +97,11 @@ fn same_queue_bound_twice_gets_one_copy() {
     s.bind("top", "q", "*.b");
     s.exchange("dir", "direct");
     s.bind("dir", "q", "k");
-    s.bind("dir", "q", "k"); // second identical bind is a no-op
+    let again = s.post(
+        "/bindings",
+        &json!({"exchange_name": "dir", "queue_name": "q", "key": "k"}),
+    );
+    assert_eq!(again.status, 200, "identical bind is a no-op: {again:?}");
     let mut ws = s.ws();
     ws.subscribe("q");
     assert_eq!(s.publish("fan", "", &json!("fan"))["routed"], 1);
