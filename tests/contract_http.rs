@@ -612,3 +612,34 @@ fn every_response_names_its_shard() {
     let b = s2.raw_on_shard(1);
     drop((a, b));
 }
+
+#[test]
+fn publish_accepts_optional_fields() {
+    let s = Server::start();
+    s.topology("ex", "direct", "q", "k");
+    let mut ws = s.ws();
+    ws.subscribe("q");
+    let body = publish_body(
+        "ex",
+        "k",
+        r#"{"x":1}"#,
+        r#","confirm":true,"persistent":false,"ttl_ms":60000,"headers":{"h1":"v1","h2":""}"#,
+    );
+    let r = s.post_raw("/publish", &body);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["routed"], 1);
+    assert_eq!(ws.expect_message()["body"], json!({"x":1}));
+}
+
+/// The harness can kill -9 and restart on the same port and data directory; a
+/// non-durable queue does not come back.
+#[test]
+fn restart_on_same_data_dir() {
+    let mut s = Server::start();
+    let r = s.post("/queues", &json!({"name":"transient","durable":false}));
+    assert_eq!(r.status, 201);
+    s.kill9();
+    s.restart();
+    assert_eq!(s.get("/healthz").status, 200);
+    s.get("/queues/transient").assert_error(404);
+}

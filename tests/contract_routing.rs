@@ -97,12 +97,11 @@ fn same_queue_bound_twice_gets_one_copy() {
     s.bind("top", "q", "*.b");
     s.exchange("dir", "direct");
     s.bind("dir", "q", "k");
-    // A second identical bind is a no-op answered 200.
     let again = s.post(
         "/bindings",
         &json!({"exchange_name": "dir", "queue_name": "q", "key": "k"}),
     );
-    assert_eq!(again.status, 200, "{again:?}");
+    assert_eq!(again.status, 200, "identical bind is a no-op: {again:?}");
     let mut ws = s.ws();
     ws.subscribe("q");
     assert_eq!(s.publish("fan", "", &json!("fan"))["routed"], 1);
@@ -367,4 +366,39 @@ fn cross_shard_competing_consumers() {
     got.sort_unstable();
     assert_eq!(got, (0..100).collect::<Vec<_>>());
     assert_eq!((na, nb), (50, 50), "round robin across shards");
+}
+
+/// An exchange subscription made on one shard receives what is published on the other.
+#[test]
+fn cross_shard_exchange_subscription() {
+    let s = Server::with_args(&["--shards", "2"]);
+    for i in 0..4 {
+        s.exchange(&format!("t{i}"), "topic");
+    }
+    let mut sub = s.ws_on_shard(0);
+    let mut queues = Vec::new();
+    for i in 0..4 {
+        let v = sub.subscribe_with(json!({"exchange_name": format!("t{i}"), "key": "#"}));
+        queues.push(v["queue_name"].as_str().unwrap().to_string());
+    }
+    let mut publ = s.ws_on_shard(1);
+    for (i, q) in queues.iter().enumerate() {
+        publ.publish_raw(
+            &format!("t{i}"),
+            "a.b",
+            &i.to_string(),
+            r#","confirm":true,"ref":"x""#,
+        );
+        assert_eq!(publ.expect_type("CONFIRM")["routed"], 1);
+        let m = sub.expect_message();
+        assert_eq!(m["body"], i);
+        assert_eq!(m["queue"], q.as_str());
+    }
+    drop(sub);
+    for q in &queues {
+        let path = format!("/queues/{}", encode_segment(q));
+        wait_until("exclusive queue gone", RECV_TIMEOUT, || {
+            s.get(&path).status == 404
+        });
+    }
 }

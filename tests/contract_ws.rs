@@ -601,3 +601,28 @@ fn single_consumer_sees_publish_order_ws() {
     }
     s.wait_queue_counts("q", 0, 0);
 }
+
+#[test]
+fn nack_multiple_requeues_in_order() {
+    let s = Server::start();
+    s.topology("ex", "direct", "q", "k");
+    let mut ws = s.ws();
+    ws.subscribe_manual("q", 3);
+    for i in 0..3 {
+        s.publish("ex", "k", &json!(i));
+    }
+    let got: Vec<Value> = (0..3).map(|_| ws.expect_message()).collect();
+    ws.send_json(
+        "NACK",
+        json!({"delivery_tag": tag(&got[2]), "multiple": true, "requeue": true}),
+    );
+    for (i, old) in got.iter().enumerate() {
+        let m = ws.expect_message();
+        assert_eq!(m["body"], i as u64, "requeued in original order");
+        assert_eq!(m["unique_id"], old["unique_id"]);
+        assert_eq!(m["redelivered"], true);
+        assert!(tag(&m) > tag(&got[2]));
+    }
+    ws.expect_silence(QUIET);
+    s.wait_queue_counts("q", 0, 3);
+}

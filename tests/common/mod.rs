@@ -144,7 +144,10 @@ impl Server {
         self.starts += 1;
         let log = std::fs::File::create(self.log_path()).unwrap();
         let out = log.try_clone().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_pubsub"))
+        // PUBSUB_TEST_BIN runs the suite against another build of the server.
+        let bin = std::env::var_os("PUBSUB_TEST_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_pubsub").into());
+        let child = Command::new(bin)
             .arg("--listen")
             .arg(self.addr.to_string())
             .arg("--data-dir")
