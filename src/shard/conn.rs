@@ -568,10 +568,18 @@ impl Conn {
     /// Pings a WebSocket client that has been silent for the idle interval, and closes
     /// one that stayed silent for another interval after the ping.
     fn check_idle(&mut self) {
-        let idle_ms = self.shard.shared.config.ws_idle_secs.saturating_mul(1000).max(1000);
+        let idle_ms = self
+            .shard
+            .shared
+            .config
+            .ws_idle_secs
+            .saturating_mul(1000)
+            .max(1000);
         let last = self.inbox.last_rx.get();
         let now = now_ms();
-        let Proto::Ws(ws) = &mut self.proto else { return };
+        let Proto::Ws(ws) = &mut self.proto else {
+            return;
+        };
         if ws.closing {
             return;
         }

@@ -1143,13 +1143,15 @@ impl Shard {
         mode: AckMode,
         prefetch: u32,
     ) -> Result<Arc<QueueHandle>, BrokerError> {
-        let mut salt = id.conn.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ id.sub;
+        // Unique per (shard, connection, subscription); the last number only steers
+        // placement so the queue is homed here and deliveries never cross shards.
+        let mut k = 0u64;
         let name = loop {
-            let candidate = format!("pubsub.sub.{}.{:x}", self.id, salt);
+            let candidate = format!("pubsub.sub.{}.{}.{}.{}", self.id, id.conn, id.sub, k);
             if crate::routing::placement(&candidate, self.shared.shards) == self.id {
                 break candidate;
             }
-            salt = salt.wrapping_add(1);
+            k += 1;
         };
         let owner = ConnKey {
             shard: id.shard,
