@@ -45,6 +45,7 @@ use amiquip::{
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
 
+use fanin::Proto;
 use payload::{find, now_ns, stamp_of, write_payload};
 use plan::{pace, Plan, HARD_RUN_LIMIT};
 use report::{Percentiles, Record};
@@ -71,6 +72,17 @@ enum Scenario {
     Durable,
 }
 
+/// How the NATS side talks to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum NatsClient {
+    /// The NATS text protocol written and parsed directly, batched like pubsub-bench's
+    /// own WebSocket client (the lean client both sides get by default).
+    Raw,
+    /// The `nats` crate's sync client (its flusher coalesces writes for up to 5 ms,
+    /// which dominates latency at a fixed rate).
+    Crate,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Ack {
     Auto,
@@ -85,6 +97,9 @@ struct Args {
     scenario: Scenario,
     #[arg(long, default_value = "127.0.0.1:4222")]
     nats_addr: String,
+    /// NATS client implementation.
+    #[arg(long, value_enum, default_value = "raw")]
+    nats_client: NatsClient,
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672")]
     amqp_url: String,
     #[arg(long, value_enum, default_value = "auto")]
@@ -312,6 +327,9 @@ fn queue_run(a: &Args, tag: &str, scenario: Scenario) -> Result<Record> {
         subs.push(thread::spawn(move || -> Result<SubOut> {
             let gate = Gate::new(&r2);
             let res = match a2.system {
+                System::Nats if a2.nats_client == NatsClient::Raw => {
+                    nats_raw_run_sub(&a2, &ex2, &gate, &s2)
+                }
                 System::Nats => nats_sub(&a2, &ex2, &gate, &s2),
                 System::Rabbitmq => rabbit_sub(&a2, &q2, &gate, &s2),
             };
@@ -323,6 +341,7 @@ fn queue_run(a: &Args, tag: &str, scenario: Scenario) -> Result<Record> {
     ready.wait();
     let start = now_ns();
     let pubres = match a.system {
+        System::Nats if a.nats_client == NatsClient::Raw => nats_raw_publish(a, &ex, plan),
         System::Nats => nats_publish(a, &ex, plan),
         System::Rabbitmq => rabbit_publish(a, &ex, plan),
     };
@@ -363,7 +382,8 @@ fn queue_run(a: &Args, tag: &str, scenario: Scenario) -> Result<Record> {
         _ => "throughput",
     };
     let variant = match a.system {
-        System::Nats => "core",
+        System::Nats if a.nats_client == NatsClient::Raw => "core-raw",
+        System::Nats => "core-crate",
         System::Rabbitmq => "amqp",
     };
     let mut rec = Record::new(system_name(a.system), name, variant);
@@ -430,17 +450,108 @@ fn nats_publish(a: &Args, subject: &str, plan: Plan) -> Result<u64> {
         for i in 0..n {
             body.clear();
             write_payload(&mut body, now_ns(), seq + i, a.size);
+            // The client's flusher thread writes it out right away; `flush()` would add a
+            // PING/PONG round trip per message.
             nc.publish(subject, &body)?;
-        }
-        if !matches!(plan, Plan::Count(_)) {
-            // Rate-paced publishes go out now, not when the client's buffer fills.
-            nc.flush()?;
         }
         sent += n;
         Ok(())
     })?;
     nc.flush()?;
     Ok(sent)
+}
+
+/// Publishes `plan` on `subject` with the NATS text protocol, one `write` per batch, and
+/// ends with a `PING`/`PONG` so every message has reached the server.
+fn nats_raw_publish(a: &Args, subject: &str, plan: Plan) -> Result<u64> {
+    let mut s = nats_raw_conn(&a.nats_addr, "")?;
+    let mut out = Vec::with_capacity(a.batch.max(1) * (a.size + 64));
+    let mut sent = 0u64;
+    let head = format!("PUB {subject} ");
+    let mut body = Vec::with_capacity(a.size);
+    pace(plan, a.batch.max(1), |seq, n| -> Result<()> {
+        out.clear();
+        for i in 0..n {
+            body.clear();
+            write_payload(&mut body, now_ns(), seq + i, a.size);
+            out.extend_from_slice(head.as_bytes());
+            payload::push_u64(&mut out, body.len() as u64);
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(&body);
+            out.extend_from_slice(b"\r\n");
+        }
+        s.write_all(&out)?;
+        sent += n;
+        Ok(())
+    })?;
+    s.write_all(b"PING\r\n")?;
+    wait_pong(&mut s)?;
+    Ok(sent)
+}
+
+/// Reads until the server's `PONG` (skipping anything else).
+fn wait_pong(s: &mut TcpStream) -> Result<()> {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let end = Instant::now() + Duration::from_secs(30);
+    while find(&got, b"PONG\r\n").is_none() {
+        if Instant::now() > end {
+            bail!("no PONG from nats");
+        }
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            bail!("nats closed the connection");
+        }
+        got.extend_from_slice(chunk.get(..n).unwrap_or(&[]));
+        if find(&got, b"-ERR").is_some() {
+            bail!("nats refused: {}", String::from_utf8_lossy(&got));
+        }
+    }
+    Ok(())
+}
+
+/// A raw NATS subscriber reading with the shared parser on its own blocking socket.
+fn nats_raw_run_sub(a: &Args, subject: &str, ready: &Gate, stop: &Stop) -> Result<SubOut> {
+    let mut s = nats_raw_conn(&a.nats_addr, subject)?;
+    ready.pass();
+    s.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let mut out = SubOut {
+        lat_ns: Vec::with_capacity(usize::try_from(a.messages.min(10_000_000)).unwrap_or(0)),
+        ..SubOut::default()
+    };
+    let mut parser = NatsSub::default();
+    let mut chunk = vec![0u8; 256 * 1024];
+    let mut reply = Vec::new();
+    let mut next = 0u64;
+    while !stop.reached(out.received) {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                let now = now_ns();
+                let data = chunk.get(..n).unwrap_or(&[]);
+                parser.feed(data, &mut reply, &mut |t, seq| {
+                    out.received += 1;
+                    out.last_ns = now;
+                    out.lat_ns.push(now.saturating_sub(t));
+                    if seq != next {
+                        out.out_of_order += 1;
+                    }
+                    next = seq + 1;
+                });
+                if !reply.is_empty() {
+                    s.write_all(&reply)?;
+                    reply.clear();
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(out)
 }
 
 /// One idle NATS subscriber in the shared poller: parses `MSG` and answers `PING`.
@@ -486,13 +597,19 @@ impl fanin::Proto for NatsSub {
     }
 }
 
-/// Opens one raw NATS subscriber and waits until the server has registered its `SUB`.
-fn nats_raw_sub(addr: &str, subject: &str) -> Result<TcpStream> {
+/// Opens one raw NATS connection (subscribed to `subject` unless it is empty) and waits
+/// until the server has processed the `CONNECT` (and `SUB`).
+fn nats_raw_conn(addr: &str, subject: &str) -> Result<TcpStream> {
     let mut s = TcpStream::connect(addr)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let sub = if subject.is_empty() {
+        String::new()
+    } else {
+        format!("SUB {subject} 1\r\n")
+    };
     let req = format!(
-        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"lang\":\"rust\",\"version\":\"bench\"}}\r\nSUB {subject} 1\r\nPING\r\n"
+        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"lang\":\"rust\",\"version\":\"bench\"}}\r\n{sub}PING\r\n"
     );
     s.write_all(req.as_bytes())?;
     let mut got = Vec::new();
@@ -541,7 +658,7 @@ fn nats_connections(a: &Args, tag: &str) -> Result<Record> {
         handles.push(thread::spawn(move || {
             let mut conns = Vec::with_capacity(share);
             for _ in 0..share {
-                match nats_raw_sub(&addr, &subj) {
+                match nats_raw_conn(&addr, &subj) {
                     Ok(s) => conns.push((s, NatsSub::default())),
                     Err(e) => {
                         if fail2.fetch_add(1, Ordering::Relaxed) < 3 {
@@ -563,7 +680,10 @@ fn nats_connections(a: &Args, tag: &str) -> Result<Record> {
         every: Duration::from_millis(a.interval_ms.max(1)),
     };
     let start = now_ns();
-    let sent = nats_publish(a, &subject, plan);
+    let sent = match a.nats_client {
+        NatsClient::Raw => nats_raw_publish(a, &subject, plan),
+        NatsClient::Crate => nats_publish(a, &subject, plan),
+    };
     let end = now_ns();
     thread::sleep(a.drain_timeout.min(Duration::from_secs(1)));
     stop.store(true, Ordering::Release);
@@ -574,7 +694,10 @@ fn nats_connections(a: &Args, tag: &str) -> Result<Record> {
     let sent = sent?;
     connections_record(
         "nats",
-        "core",
+        match a.nats_client {
+            NatsClient::Raw => "core-raw",
+            NatsClient::Crate => "core-crate",
+        },
         ConnOutcome {
             n: n as u64,
             failed,
