@@ -1,1 +1,93 @@
-//! config
+//! Command-line flags with environment fallbacks.
+//!
+//! Every knob the server has lives here, with its default; `pubsub --help` prints them.
+//! The seed's `CHECKPOINT_IN_SECONDS` is honoured when `--checkpoint-ms` is not given.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Default cap on a message's payload (the contract's 1 MiB).
+pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+/// Default cap on concurrent connections per process.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default memory high-water mark for message bodies held in queues (1 GiB).
+pub const DEFAULT_MEMORY_HIGH_WATER: usize = 1024 * 1024 * 1024;
+
+/// pubsub: a thread-per-core message broker (HTTP + WebSocket).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "pubsub", version, about)]
+pub struct Config {
+    /// Address every shard listens on (SO_REUSEPORT).
+    #[arg(long, env = "PUBSUB_LISTEN", default_value = "127.0.0.1:8060")]
+    pub listen: SocketAddr,
+
+    /// Number of shards (one pinned executor each); 0 means one per CPU the process may use.
+    #[arg(long, env = "PUBSUB_SHARDS", default_value_t = 0)]
+    pub shards: usize,
+
+    /// Directory for the embedded SQLite store.
+    #[arg(long, env = "PUBSUB_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// `postgres://…` URL to keep durable state in PostgreSQL instead of SQLite.
+    #[arg(long, env = "PUBSUB_DATABASE")]
+    pub database: Option<String>,
+
+    /// Longest time a durable change waits before its checkpoint commits (milliseconds).
+    #[arg(long, env = "PUBSUB_CHECKPOINT_MS")]
+    pub checkpoint_ms: Option<u64>,
+
+    /// Largest accepted message payload, in bytes.
+    #[arg(long, env = "PUBSUB_MAX_PAYLOAD", default_value_t = DEFAULT_MAX_PAYLOAD)]
+    pub max_payload: usize,
+
+    /// Largest HTTP request head, in bytes (431 past it).
+    #[arg(long, env = "PUBSUB_MAX_HEAD", default_value_t = 16 * 1024)]
+    pub max_head: usize,
+
+    /// Most connections served at once by the whole process.
+    #[arg(long, env = "PUBSUB_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+
+    /// Bytes of message bodies held in queues past which publishes are refused (503).
+    #[arg(long, env = "PUBSUB_MEMORY_HIGH_WATER", default_value_t = DEFAULT_MEMORY_HIGH_WATER)]
+    pub memory_high_water: usize,
+
+    /// Seconds of silence after which the server pings a WebSocket; twice that closes it.
+    #[arg(long, env = "PUBSUB_WS_IDLE_SECS", default_value_t = 30)]
+    pub ws_idle_secs: u64,
+
+    /// Microseconds an idle shard spins before it parks (trades CPU for latency).
+    #[arg(long, env = "PUBSUB_SPIN_US", default_value_t = 0)]
+    pub spin_us: u64,
+
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, env = "PUBSUB_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Config {
+    /// The checkpoint interval: `--checkpoint-ms`, else the seed's `CHECKPOINT_IN_SECONDS`, else 5 ms.
+    pub fn checkpoint_ms(&self) -> u64 {
+        if let Some(ms) = self.checkpoint_ms {
+            return ms;
+        }
+        std::env::var("CHECKPOINT_IN_SECONDS")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(|s| s.saturating_mul(1000))
+            .unwrap_or(5)
+    }
+
+    /// The shard count after resolving 0 to the CPUs this process may run on.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            return self.shards;
+        }
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    }
+}

@@ -1,1 +1,179 @@
-//! message
+//! A published message and its identity.
+//!
+//! A [`Message`] is built once, on the shard whose connection received the publish,
+//! and shared by `Arc` with every queue it is routed to. Its body is the client's raw
+//! JSON bytes, a `bytes::Bytes` slice of the very buffer the request was read into:
+//! nothing is copied or re-encoded on the way to the subscribers' sockets.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+/// Length of a message id: 32 lower-case hex digits.
+pub const ID_LEN: usize = 32;
+
+/// A message's `unique_id`: 128 bits as hex, unique per process start and shard.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MessageId([u8; ID_LEN]);
+
+impl MessageId {
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever written into the array (see `IdGen::next`).
+        std::str::from_utf8(&self.0).unwrap_or("")
+    }
+    /// The id's bytes (ASCII hex).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    /// Rebuilds an id read back from the store; `None` unless it is 32 hex digits.
+    pub fn parse(s: &str) -> Option<Self> {
+        let b = s.as_bytes();
+        if b.len() != ID_LEN || !b.iter().all(|c| c.is_ascii_hexdigit()) {
+            return None;
+        }
+        let mut out = [0u8; ID_LEN];
+        out.copy_from_slice(b);
+        Some(Self(out))
+    }
+}
+
+impl std::fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Makes ids on one shard: a per-process random prefix, the shard, and a counter.
+pub struct IdGen {
+    prefix: u64,
+    counter: u64,
+}
+
+static BOOT_SALT: AtomicU64 = AtomicU64::new(0);
+
+impl IdGen {
+    /// A generator for `shard`.
+    pub fn new(shard: usize) -> Self {
+        let mut salt = BOOT_SALT.load(Ordering::Relaxed);
+        if salt == 0 {
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1);
+            let mixed = splitmix(nanos ^ (u64::from(std::process::id()) << 32));
+            salt = match BOOT_SALT.compare_exchange(
+                0,
+                mixed | 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => mixed | 1,
+                Err(existing) => existing,
+            };
+        }
+        Self {
+            prefix: salt ^ ((shard as u64) << 56),
+            counter: 0,
+        }
+    }
+
+    /// The next id.
+    pub fn next_id(&mut self) -> MessageId {
+        self.counter += 1;
+        let mut out = [0u8; ID_LEN];
+        write_hex(&mut out[..16], self.prefix);
+        write_hex(&mut out[16..], self.counter);
+        MessageId(out)
+    }
+}
+
+fn write_hex(out: &mut [u8], mut v: u64) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for slot in out.iter_mut().rev() {
+        *slot = HEX[(v & 0xf) as usize];
+        v >>= 4;
+    }
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// One published message, shared by every queue it was routed to.
+#[derive(Debug)]
+pub struct Message {
+    /// The `unique_id` delivered to subscribers.
+    pub id: MessageId,
+    /// The exchange it was published to, as a JSON string token (quotes included).
+    pub exchange_json: Bytes,
+    /// The routing key, decoded (used when the message is dead-lettered and routed again).
+    pub routing_key: Bytes,
+    /// The routing key as a JSON string token (quotes included), as the client sent it.
+    pub routing_key_json: Bytes,
+    /// The payload: the client's raw JSON bytes.
+    pub body: Bytes,
+    /// Optional `headers` object, raw JSON.
+    pub headers: Option<Bytes>,
+    /// Milliseconds since the epoch when it was published.
+    pub published_at: u64,
+    /// Absolute expiry from the publish's `ttl_ms`.
+    pub expires_at: Option<u64>,
+    /// Whether a durable queue must keep it on disk.
+    pub persistent: bool,
+}
+
+impl Message {
+    /// Bytes this message accounts for against the memory high-water mark.
+    pub fn weight(&self) -> usize {
+        self.body.len() + self.headers.as_ref().map_or(0, Bytes::len) + 128
+    }
+
+    /// A copy for dead-lettering: same id and body, no per-message expiry.
+    pub fn for_dead_letter(self: &Arc<Self>) -> Arc<Self> {
+        Arc::new(Message {
+            id: self.id,
+            exchange_json: self.exchange_json.clone(),
+            routing_key: self.routing_key.clone(),
+            routing_key_json: self.routing_key_json.clone(),
+            body: self.body.clone(),
+            headers: self.headers.clone(),
+            published_at: self.published_at,
+            expires_at: None,
+            persistent: self.persistent,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_unique_hex() {
+        let mut a = IdGen::new(0);
+        let mut b = IdGen::new(1);
+        let x = a.next_id();
+        let y = a.next_id();
+        let z = b.next_id();
+        assert_ne!(x, y);
+        assert_ne!(x, z);
+        assert_eq!(x.as_str().len(), ID_LEN);
+        assert!(x.as_str().bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(MessageId::parse(x.as_str()), Some(x));
+        assert_eq!(MessageId::parse("xyz"), None);
+    }
+}

@@ -14,11 +14,16 @@ impl<T> Default for MsgQueue<T> {
 impl<T> MsgQueue<T> {
     /// An empty queue.
     pub fn new() -> Self {
-        Self { q: Mutex::new(VecDeque::new()) }
+        Self {
+            q: Mutex::new(VecDeque::new()),
+        }
     }
     /// Appends at the tail.
     pub fn push(&self, value: T) {
-        self.q.lock().unwrap_or_else(|e| e.into_inner()).push_back(value)
+        self.q
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(value)
     }
     /// Takes from the head.
     pub fn pop(&self) -> Option<T> {

@@ -15,7 +15,9 @@ pub fn pin() -> Guard {
 impl<T: Send + Sync + 'static> Snapshot<T> {
     /// A cell holding `value`.
     pub fn new(value: T) -> Self {
-        Self { cell: RwLock::new(Arc::new(value)) }
+        Self {
+            cell: RwLock::new(Arc::new(value)),
+        }
     }
     /// The current value, valid while `guard` lives.
     pub fn load<'g>(&self, _guard: &'g Guard) -> &'g T {

@@ -5,7 +5,13 @@ use std::sync::{Arc, Mutex};
 /// Creates a ring holding at least `capacity` items (rounded up to a power of two).
 pub fn channel<T>(capacity: usize) -> (Producer<T>, Consumer<T>) {
     let q = Arc::new(Mutex::new(VecDeque::with_capacity(capacity)));
-    (Producer { q: q.clone(), cap: capacity.next_power_of_two() }, Consumer { q })
+    (
+        Producer {
+            q: q.clone(),
+            cap: capacity.next_power_of_two(),
+        },
+        Consumer { q },
+    )
 }
 
 /// The writing end; exactly one thread owns it.

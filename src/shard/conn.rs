@@ -1,0 +1,992 @@
+//! One client connection: buffers plus an explicit protocol state.
+//!
+//! A connection starts as HTTP/1.1 ([`crate::http`] parses request heads out of the
+//! read buffer, pipelined requests are answered in order) and may upgrade to
+//! WebSocket on `GET /ws` ([`crate::ws`] decodes frames from the same buffer). Both
+//! turn what they read into [`Command`]s for the shard. One task drives the socket:
+//! it reads many frames per read and writes many frames per write, and wakes for
+//! three reasons only: bytes to read, room to write, or events from the shard
+//! (deliveries, confirms, cancellations) in the connection's mailbox.
+//!
+//! A subscriber's messages wait in its queue, not here: the queue hands a
+//! subscription at most its window (prefetch, or [`crate::queue::AUTO_ACK_WINDOW`])
+//! and the window only reopens as frames leave the write buffer for the socket.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::Poll;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+
+use crate::command::{self, AckMode, Command, CommandError, SubscribeTarget, Unsubscribe};
+use crate::http::{self, Request};
+use crate::message::now_ms;
+use crate::queue::ConsumerId;
+use crate::routing::QueueHandle;
+use crate::ws;
+
+use super::{BrokerError, ConnEvent, ConnInbox, Shard, ShardMsg};
+
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 64 * 1024;
+/// Past this much unwritten output, stop reading requests (the client must read).
+const WRITE_HIGH_WATER: usize = 1024 * 1024;
+/// Room for the JSON around a payload in a request body or frame.
+const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
+
+const CONSOLE_HTML: &str = include_str!("console.html");
+
+enum Proto {
+    Http,
+    Ws(Box<WsState>),
+}
+
+struct Sub {
+    n: u64,
+    id_json: Bytes,
+    queue: Arc<QueueHandle>,
+    mode: AckMode,
+}
+
+#[derive(Clone, Copy)]
+struct TagSlot {
+    sub: u64,
+    queue: u64,
+    home: usize,
+    dseq: u64,
+}
+
+struct WsState {
+    decoder: ws::Decoder,
+    subs: Vec<Sub>,
+    next_sub: u64,
+    next_tag: u64,
+    /// Outstanding manual-ack deliveries by tag (`tag_base` is the front's tag).
+    tags: VecDeque<Option<TagSlot>>,
+    tag_base: u64,
+    /// Auto-ack deliveries in the write buffer: (end offset in bytes ever buffered, sub, queue, home).
+    marks: VecDeque<(u64, u64, u64, usize)>,
+    closing: bool,
+}
+
+/// Serves one accepted connection until it closes.
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let (id, inbox) = shard.register_conn();
+    let over_limit =
+        shard.shared.metrics.connections() > shard.shared.config.max_connections as i64;
+    let mut c = Conn {
+        shard: shard.clone(),
+        stream,
+        id,
+        inbox,
+        rbuf: BytesMut::with_capacity(READ_CHUNK),
+        wbuf: BytesMut::with_capacity(READ_CHUNK),
+        proto: Proto::Http,
+        buffered_total: 0,
+        written_total: 0,
+        close_after_flush: false,
+        shard_header: shard.id.to_string(),
+    };
+    if over_limit {
+        c.http_error(
+            503,
+            "too_many_connections",
+            "connection limit reached",
+            false,
+        );
+        let _ = c.flush_all().await;
+    } else if let Err(e) = c.run().await {
+        tracing::debug!(conn = id, error = %e, "connection ended");
+    }
+    c.finish();
+    shard.unregister_conn(id);
+}
+
+struct Conn {
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    id: u64,
+    inbox: Rc<ConnInbox>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    proto: Proto,
+    buffered_total: u64,
+    written_total: u64,
+    close_after_flush: bool,
+    shard_header: String,
+}
+
+enum Wake {
+    Read,
+    Eof,
+    Wrote,
+    Event,
+}
+
+impl Conn {
+    fn max_payload(&self) -> usize {
+        self.shard.shared.config.max_payload
+    }
+
+    async fn run(&mut self) -> io::Result<()> {
+        loop {
+            match self.proto {
+                Proto::Http => self.process_http().await,
+                Proto::Ws(_) => self.process_ws(),
+            }
+            self.process_events();
+            if self.close_after_flush && self.wbuf.is_empty() {
+                return Ok(());
+            }
+            match self.wait().await? {
+                Wake::Eof => return Ok(()),
+                Wake::Read | Wake::Wrote | Wake::Event => {}
+            }
+        }
+    }
+
+    /// Waits for bytes to read, progress writing, or mailbox events.
+    async fn wait(&mut self) -> io::Result<Wake> {
+        let Conn {
+            stream,
+            rbuf,
+            wbuf,
+            inbox,
+            ..
+        } = self;
+        let reading = wbuf.len() < WRITE_HIGH_WATER && !self.close_after_flush;
+        let mut wrote = 0usize;
+        let wake = poll_fn(|cx| {
+            while !wbuf.is_empty() {
+                match Pin::new(&mut *stream).poll_write(cx, wbuf) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => {
+                        wbuf.advance(n);
+                        wrote += n;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => break,
+                }
+            }
+            if wrote > 0 {
+                return Poll::Ready(Ok(Wake::Wrote));
+            }
+            if inbox.signal.poll_take(cx) {
+                return Poll::Ready(Ok(Wake::Event));
+            }
+            if reading {
+                let len = rbuf.len();
+                rbuf.resize(len + READ_CHUNK, 0);
+                let r = match rbuf.get_mut(len..) {
+                    Some(spare) => Pin::new(&mut *stream).poll_read(cx, spare),
+                    None => Poll::Ready(Ok(0)),
+                };
+                match r {
+                    Poll::Ready(Ok(0)) => {
+                        rbuf.truncate(len);
+                        return Poll::Ready(Ok(Wake::Eof));
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        rbuf.truncate(len + n);
+                        return Poll::Ready(Ok(Wake::Read));
+                    }
+                    Poll::Ready(Err(e)) => {
+                        rbuf.truncate(len);
+                        return Poll::Ready(Err(e));
+                    }
+                    Poll::Pending => rbuf.truncate(len),
+                }
+            }
+            Poll::Pending
+        })
+        .await?;
+        if wrote > 0 {
+            self.written_total += wrote as u64;
+            self.after_write();
+        }
+        if matches!(wake, Wake::Read) {
+            self.inbox.last_rx.set(now_ms());
+        }
+        Ok(wake)
+    }
+
+    async fn flush_all(&mut self) -> io::Result<()> {
+        while !self.wbuf.is_empty() {
+            let n = futures_lite::AsyncWriteExt::write(&mut self.stream, &self.wbuf).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.wbuf.advance(n);
+            self.written_total += n as u64;
+        }
+        self.after_write();
+        Ok(())
+    }
+
+    fn note_buffered(&mut self) {
+        self.buffered_total = self.written_total + self.wbuf.len() as u64;
+    }
+
+    /// Auto-ack deliveries whose frames reached the socket settle now.
+    fn after_write(&mut self) {
+        let Proto::Ws(ws) = &mut self.proto else {
+            return;
+        };
+        let mut batch: Option<(u64, u64, usize, usize)> = None;
+        let mut delivered = 0u64;
+        while let Some(&(end, sub, queue, home)) = ws.marks.front() {
+            if end > self.written_total {
+                break;
+            }
+            ws.marks.pop_front();
+            delivered += 1;
+            match &mut batch {
+                Some((s, q, _, n)) if *s == sub && *q == queue => *n += 1,
+                _ => {
+                    if let Some((s, q, h, n)) = batch.take() {
+                        self.shard.settle(
+                            h,
+                            ShardMsg::Written {
+                                queue: q,
+                                id: cid(&self.shard, self.id, s),
+                                n,
+                            },
+                        );
+                    }
+                    batch = Some((sub, queue, home, 1));
+                }
+            }
+        }
+        if let Some((s, q, h, n)) = batch {
+            self.shard.settle(
+                h,
+                ShardMsg::Written {
+                    queue: q,
+                    id: cid(&self.shard, self.id, s),
+                    n,
+                },
+            );
+        }
+        if delivered > 0 {
+            self.shard
+                .counters()
+                .delivered
+                .fetch_add(delivered, Ordering::Relaxed);
+        }
+    }
+
+    // ---------------------------------------------------------------- HTTP
+
+    fn http_limits(&self) -> http::Limits {
+        http::Limits {
+            max_head: self.shard.shared.config.max_head,
+            max_body: self.max_payload() + ENVELOPE_ALLOWANCE,
+        }
+    }
+
+    async fn process_http(&mut self) {
+        let limits = self.http_limits();
+        while matches!(self.proto, Proto::Http) && !self.close_after_flush {
+            match http::parse_request(&mut self.rbuf, &limits) {
+                Ok(None) => break,
+                Ok(Some(req)) => self.handle_request(req).await,
+                Err(e) => {
+                    let msg = e.to_string();
+                    self.http_error(e.status(), e.code(), &msg, false);
+                    self.close_after_flush = true;
+                }
+            }
+        }
+        self.note_buffered();
+    }
+
+    fn http_response(
+        &mut self,
+        status: u16,
+        content_type: Option<&str>,
+        body: &[u8],
+        keep_alive: bool,
+    ) {
+        let shard = self.shard_header.clone();
+        http::write_response(
+            &mut self.wbuf,
+            status,
+            content_type,
+            &[("x-pubsub-shard", &shard)],
+            body,
+            keep_alive,
+        );
+        if !keep_alive {
+            self.close_after_flush = true;
+        }
+    }
+
+    fn http_json(&mut self, status: u16, body: &[u8], keep_alive: bool) {
+        self.http_response(status, Some("application/json"), body, keep_alive);
+    }
+
+    fn http_error(&mut self, status: u16, code: &str, message: &str, keep_alive: bool) {
+        let body = error_body(code, message);
+        self.http_json(status, &body, keep_alive);
+    }
+
+    async fn handle_request(&mut self, req: Request) {
+        let keep = req.keep_alive;
+        let segments: Result<Vec<String>, _> = req
+            .path
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(http::percent_decode)
+            .collect();
+        let segments = match segments {
+            Ok(s) => s,
+            Err(e) => return self.http_error(e.status(), e.code(), &e.to_string(), keep),
+        };
+        let method = req.method.as_str();
+        if segments.len() == 1 && segments.first().is_some_and(|s| s == "ws") && method == "GET" {
+            return self.upgrade(&req);
+        }
+        let cmd = match command::decode_http(method, &segments, &req.body, self.max_payload()) {
+            Ok(c) => c,
+            Err(e) => return self.command_error(&e, keep),
+        };
+        self.execute_http(cmd, keep).await;
+    }
+
+    fn command_error(&mut self, e: &CommandError, keep: bool) {
+        self.http_error(e.status(), e.code(), &e.to_string(), keep);
+    }
+
+    fn broker_error(&mut self, e: &BrokerError, keep: bool) {
+        self.http_error(e.status(), e.code(), &e.to_string(), keep);
+    }
+
+    fn created(&mut self, created: bool, body: &[u8], keep: bool) {
+        self.http_json(if created { 201 } else { 200 }, body, keep);
+    }
+
+    async fn execute_http(&mut self, cmd: Command, keep: bool) {
+        let shard = self.shard.clone();
+        match cmd {
+            Command::Console => self.http_response(
+                200,
+                Some("text/html; charset=utf-8"),
+                CONSOLE_HTML.as_bytes(),
+                keep,
+            ),
+            Command::Health => self.http_json(200, br#"{"status":"ok"}"#, keep),
+            Command::Metrics => {
+                let text = shard.render_metrics();
+                self.http_response(
+                    200,
+                    Some("text/plain; version=0.0.4"),
+                    text.as_bytes(),
+                    keep,
+                );
+            }
+            Command::DeclareExchange(d) => match shard.declare_exchange(&d).await {
+                Ok(created) => {
+                    let body = serde_json::json!({"name": d.name, "type": d.kind.as_str(), "durable": d.durable});
+                    self.created(created, body.to_string().as_bytes(), keep);
+                }
+                Err(e) => self.broker_error(&e, keep),
+            },
+            Command::ListExchanges => {
+                let body = shard.list_exchanges();
+                self.http_json(200, body.as_bytes(), keep);
+            }
+            Command::GetExchange(name) => match shard.exchange_json(&name) {
+                Some(body) => self.http_json(200, body.as_bytes(), keep),
+                None => self.http_error(
+                    404,
+                    "not_found",
+                    &format!("exchange {name:?} not found"),
+                    keep,
+                ),
+            },
+            Command::DeleteExchange(name) => match shard.delete_exchange(&name).await {
+                Ok(()) => self.http_response(204, None, b"", keep),
+                Err(e) => self.broker_error(&e, keep),
+            },
+            Command::DeclareQueue(d) => match shard.declare_queue(&d).await {
+                Ok(created) => {
+                    let body = shard.queue_json(&d.name).unwrap_or_default();
+                    self.created(created, body.as_bytes(), keep);
+                }
+                Err(e) => self.broker_error(&e, keep),
+            },
+            Command::ListQueues => {
+                let body = shard.list_queues();
+                self.http_json(200, body.as_bytes(), keep);
+            }
+            Command::GetQueue(name) => match shard.queue_json(&name) {
+                Some(body) => self.http_json(200, body.as_bytes(), keep),
+                None => {
+                    self.http_error(404, "not_found", &format!("queue {name:?} not found"), keep)
+                }
+            },
+            Command::DeleteQueue(name) => match shard.delete_queue(&name).await {
+                Ok(()) => self.http_response(204, None, b"", keep),
+                Err(e) => self.broker_error(&e, keep),
+            },
+            Command::PurgeQueue(name) => match shard.purge(&name).await {
+                Ok(n) => self.http_json(200, format!(r#"{{"purged":{n}}}"#).as_bytes(), keep),
+                Err(e) => self.broker_error(&e, keep),
+            },
+            Command::Bind(d) => match shard.bind(&d).await {
+                Ok(created) => {
+                    let body = serde_json::json!({"exchange_name": d.exchange, "queue_name": d.queue, "key": d.key});
+                    self.created(created, body.to_string().as_bytes(), keep);
+                }
+                Err(e) => self.broker_error(&e, keep),
+            },
+            Command::ListBindings => {
+                let body = shard.list_bindings();
+                self.http_json(200, body.as_bytes(), keep);
+            }
+            Command::Unbind(d) => match shard.unbind(&d).await {
+                Ok(()) => self.http_response(204, None, b"", keep),
+                Err(e) => self.broker_error(&e, keep),
+            },
+            Command::Publish(p) => {
+                let confirm = p.confirm;
+                match shard.publish(p, now_ms(), None) {
+                    Ok(published) => {
+                        let mut ok = true;
+                        if confirm {
+                            if let Some(rx) = published.confirm {
+                                ok = rx.await.unwrap_or(false);
+                            }
+                        }
+                        if ok {
+                            let body = format!(
+                                r#"{{"id":"{}","routed":{}}}"#,
+                                published.id.as_str(),
+                                published.routed
+                            );
+                            self.http_json(200, body.as_bytes(), keep);
+                        } else {
+                            self.http_error(503, "store_unavailable", "the durable store could not write the message; it was not confirmed", keep);
+                        }
+                    }
+                    Err(e) => self.broker_error(&e, keep),
+                }
+            }
+            Command::Subscribe(_)
+            | Command::Unsubscribe(_)
+            | Command::Ack { .. }
+            | Command::Nack { .. } => {
+                self.http_error(400, "bad_request", "only over WebSocket", keep)
+            }
+        }
+    }
+
+    fn upgrade(&mut self, req: &Request) {
+        match ws::accept(req) {
+            Ok(key) => {
+                let shard = self.shard_header.clone();
+                ws::write_101(&mut self.wbuf, &key, &[("x-pubsub-shard", &shard)]);
+                self.note_buffered();
+                self.proto = Proto::Ws(Box::new(WsState {
+                    decoder: ws::Decoder::new(self.max_payload() + ENVELOPE_ALLOWANCE),
+                    subs: Vec::new(),
+                    next_sub: 1,
+                    next_tag: 1,
+                    tags: VecDeque::new(),
+                    tag_base: 1,
+                    marks: VecDeque::new(),
+                    closing: false,
+                }));
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                self.http_error(
+                    400,
+                    "bad_request",
+                    &format!("not a WebSocket upgrade: {msg}"),
+                    req.keep_alive,
+                );
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- WebSocket
+
+    fn process_ws(&mut self) {
+        let now = now_ms();
+        loop {
+            let Proto::Ws(ws) = &mut self.proto else {
+                return;
+            };
+            if ws.closing {
+                self.rbuf.clear();
+                break;
+            }
+            match ws.decoder.decode(&mut self.rbuf) {
+                Ok(None) => break,
+                Ok(Some(ws::Event::Text(frame))) => self.ws_text(frame, now),
+                Ok(Some(ws::Event::Binary(_))) => self.ws_error(
+                    None,
+                    "bad_request",
+                    "binary frames are not supported: send JSON text frames",
+                    &[],
+                ),
+                Ok(Some(ws::Event::Ping(p))) => ws::write_pong(&mut self.wbuf, &p),
+                Ok(Some(ws::Event::Pong(_))) => {}
+                Ok(Some(ws::Event::Close(_))) => {
+                    ws::write_close(&mut self.wbuf, 1000, "");
+                    self.ws_closing();
+                }
+                Err(e) => {
+                    ws::write_close(&mut self.wbuf, e.close_code(), &e.to_string());
+                    self.ws_closing();
+                }
+            }
+        }
+        self.note_buffered();
+    }
+
+    fn ws_closing(&mut self) {
+        if let Proto::Ws(ws) = &mut self.proto {
+            ws.closing = true;
+        }
+        self.close_after_flush = true;
+    }
+
+    fn ws_error(
+        &mut self,
+        reference: Option<&[u8]>,
+        code: &str,
+        message: &str,
+        extra: &[(&str, &[u8])],
+    ) {
+        let mut out = Vec::with_capacity(96 + message.len());
+        out.extend_from_slice(br#"{"type":"ERROR","code":"#);
+        http::json::write_escaped_str(&mut out, code);
+        out.extend_from_slice(br#","message":"#);
+        http::json::write_escaped_str(&mut out, message);
+        if let Some(r) = reference {
+            out.extend_from_slice(br#","ref":"#);
+            out.extend_from_slice(r);
+        }
+        for (k, v) in extra {
+            out.push(b',');
+            http::json::write_escaped_str(&mut out, k);
+            out.push(b':');
+            out.extend_from_slice(v);
+        }
+        out.push(b'}');
+        ws::write_text(&mut self.wbuf, &out);
+    }
+
+    fn ws_text(&mut self, frame: Bytes, now: u64) {
+        let cmd = match command::decode_frame(&frame, self.max_payload()) {
+            Ok(c) => c,
+            Err(e) => {
+                let reference = command::salvage_ref(&frame);
+                return self.ws_error(reference.as_deref(), e.code(), &e.to_string(), &[]);
+            }
+        };
+        let shard = self.shard.clone();
+        match cmd {
+            Command::Publish(p) => {
+                let reference = p.reference.clone();
+                if let Err(e) = shard.publish(p, now, Some(self.id)) {
+                    self.ws_error(reference.as_deref(), e.code(), &e.to_string(), &[]);
+                }
+            }
+            Command::Subscribe(s) => self.ws_subscribe(s),
+            Command::Unsubscribe(u) => self.ws_unsubscribe(u),
+            Command::Ack { tag, multiple } => self.ws_settle(tag, multiple, None),
+            Command::Nack {
+                tag,
+                multiple,
+                requeue,
+            } => self.ws_settle(tag, multiple, Some(requeue)),
+            _ => self.ws_error(None, "bad_request", "this command is HTTP only", &[]),
+        }
+    }
+
+    fn ws_subscribe(&mut self, s: command::Subscribe) {
+        let shard = self.shard.clone();
+        let Proto::Ws(ws) = &mut self.proto else {
+            return;
+        };
+        let n = ws.next_sub;
+        ws.next_sub += 1;
+        let id = cid(&shard, self.id, n);
+        let result = match &s.target {
+            SubscribeTarget::Queue(name) => shard.subscribe_queue(id, name, s.ack, s.prefetch),
+            SubscribeTarget::Exchange { exchange, key } => {
+                shard.subscribe_exchange(id, exchange, key, s.ack, s.prefetch)
+            }
+        };
+        match result {
+            Ok(queue) => {
+                let sub_id = format!("sub-{}-{}-{}", shard.id, self.id, n);
+                let id_json = crate::routing::json_string(&sub_id);
+                let mut out = Vec::with_capacity(64 + queue.name.len());
+                out.extend_from_slice(br#"{"type":"SUBSCRIBED","subscription":"#);
+                out.extend_from_slice(&id_json);
+                out.extend_from_slice(br#","queue_name":"#);
+                out.extend_from_slice(&queue.name_json);
+                out.push(b'}');
+                ws.subs.push(Sub {
+                    n,
+                    id_json,
+                    queue,
+                    mode: s.ack,
+                });
+                ws::write_text(&mut self.wbuf, &out);
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                self.ws_error(None, e.code(), &msg, &[]);
+            }
+        }
+    }
+
+    fn ws_unsubscribe(&mut self, u: Unsubscribe) {
+        let shard = self.shard.clone();
+        let Proto::Ws(ws) = &mut self.proto else {
+            return;
+        };
+        let matches: Vec<usize> = ws
+            .subs
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| match &u {
+                Unsubscribe::Subscription(id) => s.id_json == crate::routing::json_string(id),
+                Unsubscribe::Queue(q) => &*s.queue.name == q.as_str(),
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if matches.is_empty() {
+            return self.ws_error(
+                None,
+                "not_found",
+                "no such subscription on this connection",
+                &[],
+            );
+        }
+        let mut frames = Vec::new();
+        for i in matches.into_iter().rev() {
+            let s = ws.subs.remove(i);
+            shard.end_subscription(cid(&shard, self.id, s.n), &s.queue, false);
+            let mut out = Vec::with_capacity(64);
+            out.extend_from_slice(br#"{"type":"UNSUBSCRIBED","subscription":"#);
+            out.extend_from_slice(&s.id_json);
+            out.push(b'}');
+            frames.push(out);
+        }
+        for f in frames.iter().rev() {
+            ws::write_text(&mut self.wbuf, f);
+        }
+    }
+
+    fn ws_settle(&mut self, tag: u64, multiple: bool, nack: Option<bool>) {
+        let shard = self.shard.clone();
+        let conn = self.id;
+        let Proto::Ws(ws) = &mut self.proto else {
+            return;
+        };
+        let idx = tag
+            .checked_sub(ws.tag_base)
+            .and_then(|i| usize::try_from(i).ok());
+        let known = idx
+            .and_then(|i| ws.tags.get(i))
+            .is_some_and(Option::is_some);
+        if !known {
+            let msg = format!("delivery tag {tag} is not outstanding on this connection");
+            return self.ws_error(None, "unknown_delivery_tag", &msg, &[]);
+        }
+        let Some(idx) = idx else { return };
+        let mut taken: Vec<TagSlot> = Vec::new();
+        if multiple {
+            for slot in ws.tags.iter_mut().take(idx + 1) {
+                if let Some(s) = slot.take() {
+                    taken.push(s);
+                }
+            }
+        } else if let Some(s) = ws.tags.get_mut(idx).and_then(Option::take) {
+            taken.push(s);
+        }
+        while let Some(None) = ws.tags.front() {
+            ws.tags.pop_front();
+            ws.tag_base += 1;
+        }
+        // One message per (queue, subscription): the highest sequence, settled "through".
+        let mut groups: Vec<TagSlot> = Vec::new();
+        for s in &taken {
+            match groups
+                .iter_mut()
+                .find(|g| g.sub == s.sub && g.queue == s.queue)
+            {
+                Some(g) => g.dseq = g.dseq.max(s.dseq),
+                None => groups.push(*s),
+            }
+        }
+        for g in groups {
+            let id = cid(&shard, conn, g.sub);
+            let msg = match nack {
+                None => ShardMsg::Ack {
+                    queue: g.queue,
+                    id,
+                    dseq: g.dseq,
+                    through: multiple,
+                },
+                Some(requeue) => ShardMsg::Nack {
+                    queue: g.queue,
+                    id,
+                    dseq: g.dseq,
+                    through: multiple,
+                    requeue,
+                },
+            };
+            shard.settle(g.home, msg);
+        }
+    }
+
+    fn process_events(&mut self) {
+        loop {
+            let ev = self.inbox.events.borrow_mut().pop_front();
+            let Some(ev) = ev else { break };
+            self.event(ev);
+        }
+        self.note_buffered();
+    }
+
+    fn event(&mut self, ev: ConnEvent) {
+        let shard = self.shard.clone();
+        let conn = self.id;
+        let Proto::Ws(ws) = &mut self.proto else {
+            // Only WebSocket connections subscribe; anything else is a late leftover.
+            if let ConnEvent::Deliver {
+                sub,
+                queue,
+                home,
+                delivery,
+            } = ev
+            {
+                return_delivery(&shard, conn, sub, queue, home, delivery.dseq);
+            }
+            return;
+        };
+        match ev {
+            ConnEvent::Deliver {
+                sub,
+                queue,
+                home,
+                delivery,
+            } => {
+                let Some(s) = ws.subs.iter().find(|s| s.n == sub && s.queue.id == queue) else {
+                    return return_delivery(&shard, conn, sub, queue, home, delivery.dseq);
+                };
+                let tag = ws.next_tag;
+                ws.next_tag += 1;
+                let e = &delivery.entry;
+                let m = &e.msg;
+                let mut tag_buf = itoa_buf();
+                let tag_s = fmt_u64(&mut tag_buf, tag);
+                let mut ts_buf = itoa_buf();
+                let ts_s = fmt_u64(&mut ts_buf, m.published_at);
+                let redelivered: &[u8] = if e.redelivered { b"true" } else { b"false" };
+                let headers_prefix: &[u8] = if m.headers.is_some() {
+                    br#","headers":"#
+                } else {
+                    b""
+                };
+                let headers: &[u8] = m.headers.as_deref().unwrap_or(b"");
+                ws::write_text_parts(
+                    &mut self.wbuf,
+                    &[
+                        br#"{"type":"MESSAGE","unique_id":""#,
+                        m.id.as_bytes(),
+                        br#"","body":"#,
+                        &m.body,
+                        br#","subscription":"#,
+                        &s.id_json,
+                        br#","queue":"#,
+                        &s.queue.name_json,
+                        br#","exchange":"#,
+                        &m.exchange_json,
+                        br#","routing_key":"#,
+                        &m.routing_key_json,
+                        br#","delivery_tag":"#,
+                        tag_s,
+                        br#","redelivered":"#,
+                        redelivered,
+                        br#","published_at":"#,
+                        ts_s,
+                        headers_prefix,
+                        headers,
+                        b"}",
+                    ],
+                );
+                match s.mode {
+                    AckMode::Manual => {
+                        if ws.tags.is_empty() {
+                            ws.tag_base = tag;
+                        }
+                        // Tags are consecutive; pad for auto-ack tags handed out in between.
+                        while ws.tag_base + (ws.tags.len() as u64) < tag {
+                            ws.tags.push_back(None);
+                        }
+                        ws.tags.push_back(Some(TagSlot {
+                            sub,
+                            queue,
+                            home,
+                            dseq: delivery.dseq,
+                        }));
+                        shard.counters().delivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    AckMode::Auto => {
+                        let end = self.written_total + self.wbuf.len() as u64;
+                        ws.marks.push_back((end, sub, queue, home));
+                    }
+                }
+            }
+            ConnEvent::Cancelled { sub } => {
+                if let Some(pos) = ws.subs.iter().position(|s| s.n == sub) {
+                    let s = ws.subs.remove(pos);
+                    let msg = format!("queue {} was deleted", s.queue.name);
+                    self.ws_error(
+                        None,
+                        "queue_deleted",
+                        &msg,
+                        &[
+                            ("subscription", &s.id_json),
+                            ("queue_name", &s.queue.name_json),
+                        ],
+                    );
+                }
+            }
+            ConnEvent::Confirm {
+                reference,
+                id,
+                routed,
+                ok,
+            } => {
+                if ok {
+                    let mut out = Vec::with_capacity(96);
+                    out.extend_from_slice(br#"{"type":"CONFIRM""#);
+                    if let Some(r) = &reference {
+                        out.extend_from_slice(br#","ref":"#);
+                        out.extend_from_slice(r);
+                    }
+                    out.extend_from_slice(br#","id":""#);
+                    out.extend_from_slice(id.as_bytes());
+                    out.extend_from_slice(format!(r#"","routed":{routed}}}"#).as_bytes());
+                    ws::write_text(&mut self.wbuf, &out);
+                } else {
+                    self.ws_error(
+                        reference.as_deref(),
+                        "store_unavailable",
+                        "the durable store could not write the message; it was not confirmed",
+                        &[],
+                    );
+                }
+            }
+        }
+    }
+
+    /// The connection is gone: its subscriptions end, unacked messages go back.
+    fn finish(&mut self) {
+        let shard = self.shard.clone();
+        if let Proto::Ws(ws) = &mut self.proto {
+            let active: Vec<u64> = ws.subs.iter().map(|s| s.n).collect();
+            for s in ws.subs.drain(..) {
+                shard.end_subscription(cid(&shard, self.id, s.n), &s.queue, true);
+            }
+            // Unacked deliveries of subscriptions ended earlier go back to their queues
+            // (those of active ones went back with the subscription).
+            for t in ws
+                .tags
+                .drain(..)
+                .flatten()
+                .filter(|t| !active.contains(&t.sub))
+            {
+                let id = cid(&shard, self.id, t.sub);
+                shard.settle(
+                    t.home,
+                    ShardMsg::Nack {
+                        queue: t.queue,
+                        id,
+                        dseq: t.dseq,
+                        through: false,
+                        requeue: true,
+                    },
+                );
+            }
+        }
+        loop {
+            let ev = self.inbox.events.borrow_mut().pop_front();
+            match ev {
+                Some(ConnEvent::Deliver {
+                    sub,
+                    queue,
+                    home,
+                    delivery,
+                }) => return_delivery(&shard, self.id, sub, queue, home, delivery.dseq),
+                Some(_) => {}
+                None => break,
+            }
+        }
+    }
+}
+
+fn cid(shard: &Shard, conn: u64, sub: u64) -> ConsumerId {
+    ConsumerId {
+        shard: shard.id,
+        conn,
+        sub,
+    }
+}
+
+fn return_delivery(shard: &Rc<Shard>, conn: u64, sub: u64, queue: u64, home: usize, dseq: u64) {
+    shard.settle(
+        home,
+        ShardMsg::Returned {
+            queue,
+            id: cid(shard, conn, sub),
+            dseqs: vec![dseq],
+        },
+    );
+}
+
+fn error_body(code: &str, message: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + message.len());
+    out.extend_from_slice(br#"{"error":{"code":"#);
+    http::json::write_escaped_str(&mut out, code);
+    out.extend_from_slice(br#","message":"#);
+    http::json::write_escaped_str(&mut out, message);
+    out.extend_from_slice(b"}}");
+    out
+}
+
+fn itoa_buf() -> [u8; 20] {
+    [0u8; 20]
+}
+
+fn fmt_u64(buf: &mut [u8; 20], mut v: u64) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        if let Some(slot) = buf.get_mut(i) {
+            *slot = b'0' + (v % 10) as u8;
+        }
+        v /= 10;
+        if v == 0 || i == 0 {
+            break;
+        }
+    }
+    buf.get(i..).unwrap_or(b"0")
+}
