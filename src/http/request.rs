@@ -135,14 +135,29 @@ pub fn parse_request(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Reque
         .checked_add(head.content_length)
         .ok_or(HttpError::InvalidContentLength)?;
     if buf.len() < total {
-        // Make room for the rest of the body in one go; the caller reads into spare capacity.
-        buf.reserve(total - buf.len());
+        // No `reserve` for the announced length: a client could claim `max_body` on every
+        // connection without sending it. The caller's read loop grows the buffer.
         return Ok(None);
     }
     let mut request = head.request;
     let _head_bytes = buf.split_to(head.len);
     request.body = buf.split_to(head.content_length).freeze();
     Ok(Some(request))
+}
+
+/// Whether the caller should answer `100 Continue` now: the buffered head is complete and
+/// valid, carries `Expect: 100-continue`, and its body has not fully arrived.
+///
+/// Call it after [`parse_request`] returned `Ok(None)`, and send the interim answer (see
+/// [`crate::http::write_continue`]) at most once per request. Clients such as curl otherwise
+/// wait about a second before sending a large body.
+pub fn needs_continue(buf: &BytesMut, limits: &Limits) -> bool {
+    match parse_head(buf, limits) {
+        Ok(Some(head)) => {
+            head.request.expect_continue && buf.len() < head.len.saturating_add(head.content_length)
+        }
+        _ => false,
+    }
 }
 
 fn parse_head(buf: &BytesMut, limits: &Limits) -> Result<Option<Head>, HttpError> {
@@ -454,6 +469,23 @@ Sec-WebSocket-Version: 13\r\n\r\n",
         assert!(!r.upgrade_websocket);
         let r = parse_ok(b"GET /ws HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n");
         assert!(!r.upgrade_websocket);
+    }
+
+    #[test]
+    fn needs_continue_only_while_the_body_is_missing() {
+        let l = Limits::default();
+        let head = b"POST /publish HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n";
+        let mut buf = BytesMut::from(&head[..30]);
+        assert!(!needs_continue(&buf, &l), "head incomplete");
+        buf.extend_from_slice(&head[30..]);
+        assert_eq!(parse_request(&mut buf, &l).unwrap(), None);
+        assert!(needs_continue(&buf, &l));
+        buf.extend_from_slice(b"ab");
+        assert!(needs_continue(&buf, &l));
+        buf.extend_from_slice(b"cd");
+        assert!(!needs_continue(&buf, &l), "body complete");
+        let no_expect = BytesMut::from(&b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\n"[..]);
+        assert!(!needs_continue(&no_expect, &l));
     }
 
     #[test]

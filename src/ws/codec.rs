@@ -161,7 +161,8 @@ impl Decoder {
             let length = usize::try_from(length).map_err(|_| WsError::Protocol("frame length"))?;
             let total = header_len + length;
             if buf.len() < total {
-                buf.reserve(total - buf.len());
+                // No `reserve` for the announced length: the caller's read loop grows the
+                // buffer as bytes actually arrive.
                 return Ok(None);
             }
 
