@@ -654,6 +654,40 @@ mod tests {
     }
 
     #[test]
+    fn mutated_and_random_input_never_panics() {
+        let mut valid = masked(0x01, b"frag");
+        valid.extend(masked(0x89, b"p"));
+        valid.extend(masked(0x80, b"ment"));
+        valid.extend(masked(0x88, &1000u16.to_be_bytes()));
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut events = 0;
+        for round in 0..20_000 {
+            let mut bytes = valid.clone();
+            if round % 4 == 0 {
+                let n = (next() % 64) as usize;
+                bytes = (0..n).map(|_| next() as u8).collect();
+            } else {
+                for _ in 0..(next() % 3 + 1) {
+                    let at = (next() as usize) % bytes.len();
+                    bytes[at] = next() as u8;
+                }
+            }
+            let mut dec = Decoder::new(1024);
+            let mut buf = BytesMut::from(&bytes[..]);
+            while let Ok(Some(_)) = dec.decode(&mut buf) {
+                events += 1;
+            }
+        }
+        assert!(events > 1_000, "only {events} events decoded");
+    }
+
+    #[test]
     fn unmask_matches_bytewise_xor_at_all_lengths() {
         for n in 0..40 {
             let orig: Vec<u8> = (0..n).map(|i| (i * 7 + 3) as u8).collect();
