@@ -79,6 +79,10 @@ struct Core {
     store: RefCell<Box<dyn Store>>,
     signal: Signal,
     out: RefCell<Vec<Option<Out>>>,
+    /// Records from each shard. Drained by that shard's intake task, and by the final
+    /// checkpoint itself: a commit blocks this thread, so records that arrived during
+    /// the last one are still here when the stop is seen.
+    rings: RefCell<Vec<spsc::Consumer<PersistMsg>>>,
     first_pending: Cell<Option<Instant>>,
 }
 
@@ -106,15 +110,17 @@ async fn core_main(shared: Arc<Shared>, store: Box<dyn Store>, ends: Vec<CoreEnd
         store: RefCell::new(store),
         signal: Signal::default(),
         out: RefCell::new((0..n).map(|_| None).collect()),
+        rings: RefCell::new(Vec::with_capacity(n)),
         first_pending: Cell::new(None),
     });
     let mut pending = Vec::new();
     for (i, e) in ends.into_iter().enumerate() {
         let (ring, notify, bell) = e.from_shard;
+        core.rings.borrow_mut().push(ring);
         let c = core.clone();
         glommio::spawn_local(async move {
             let bell = bell.connect().await;
-            intake(c, ring, notify, bell).await;
+            intake(c, i, notify, bell).await;
         })
         .detach();
         let (ring, notify, bell) = e.to_shard;
@@ -135,27 +141,14 @@ async fn core_main(shared: Arc<Shared>, store: Box<dyn Store>, ends: Vec<CoreEnd
     committer(core).await;
 }
 
-/// Drains one shard's ring into the checkpointer.
-async fn intake(
-    core: Rc<Core>,
-    mut ring: spsc::Consumer<PersistMsg>,
-    notify: Arc<Notify>,
-    bell: ConnectedReceiver<u8>,
-) {
+/// Drains shard `i`'s ring into the checkpointer whenever the shard rings.
+async fn intake(core: Rc<Core>, i: usize, notify: Arc<Notify>, bell: ConnectedReceiver<u8>) {
     loop {
-        let mut got = false;
-        while let Some(m) = ring.pop() {
-            got = true;
-            core.cp.borrow_mut().push(m.rec, m.ticket.map(encode));
-        }
-        if got {
-            if core.first_pending.get().is_none() {
-                core.first_pending.set(Some(Instant::now()));
-            }
+        if core.drain(i) {
             core.signal.notify();
         }
         notify.prepare_park();
-        if !ring.is_empty() {
+        if !core.ring_is_empty(i) {
             notify.cancel_park();
             continue;
         }
@@ -167,6 +160,30 @@ async fn intake(
 }
 
 impl Core {
+    /// Moves what shard `i` handed over into the checkpointer; true if there was any.
+    fn drain(&self, i: usize) -> bool {
+        let mut got = false;
+        {
+            let mut rings = self.rings.borrow_mut();
+            let Some(ring) = rings.get_mut(i) else {
+                return false;
+            };
+            let mut cp = self.cp.borrow_mut();
+            while let Some(m) = ring.pop() {
+                got = true;
+                cp.push(m.rec, m.ticket.map(encode));
+            }
+        }
+        if got && self.first_pending.get().is_none() {
+            self.first_pending.set(Some(Instant::now()));
+        }
+        got
+    }
+
+    fn ring_is_empty(&self, i: usize) -> bool {
+        self.rings.borrow().get(i).is_none_or(|r| r.is_empty())
+    }
+
     fn answer(&self, t: Ticket, ok: bool) {
         let t = decode(t);
         let out = self.out.borrow();
@@ -253,8 +270,14 @@ async fn committer(core: Rc<Core>) {
     let interval = Duration::from_millis(core.shared.config.checkpoint_ms());
     loop {
         if core.shared.stopping.load(Ordering::Acquire) {
-            // Final checkpoint: what the shards handed over before the stop.
+            // Final checkpoint: what the shards handed over before the stop, including
+            // what is still in the rings (the intake tasks may not have run since the
+            // last commit blocked this thread).
             glommio::yield_if_needed().await;
+            let shards = core.rings.borrow().len();
+            for i in 0..shards {
+                core.drain(i);
+            }
             let ok = core.checkpoint();
             core.shared.flushed.store(true, Ordering::Release);
             tracing::info!(ok, "final checkpoint written");

@@ -54,6 +54,8 @@ pub const IO_MEMORY: usize = 512 * 1024;
 pub const EXPIRY_TICK: Duration = Duration::from_millis(20);
 /// Messages a ring task handles before yielding to the shard's other tasks.
 const RING_BATCH: usize = 512;
+/// How often a started shard looks whether every shard has restored its queues.
+const START_POLL: Duration = Duration::from_millis(1);
 
 /// Errors of broker operations, mapped to the contract's codes at the edge.
 #[derive(Debug, thiserror::Error)]
@@ -212,6 +214,9 @@ pub struct Shared {
     pub stopping: std::sync::atomic::AtomicBool,
     /// Set by the persistence core once its final checkpoint is written.
     pub flushed: std::sync::atomic::AtomicBool,
+    /// Shards that have put their restored durable messages in place. No shard opens
+    /// its listener before all have: a client never sees a partly restored queue.
+    pub restored_shards: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -224,6 +229,7 @@ impl Shared {
             metrics: Metrics::new(shards),
             stopping: std::sync::atomic::AtomicBool::new(false),
             flushed: std::sync::atomic::AtomicBool::new(false),
+            restored_shards: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 }
@@ -1555,6 +1561,11 @@ async fn shard_main(
 ) -> std::io::Result<()> {
     let shard = Rc::new(Shard::new(i, shared.clone()));
     *shard.restored.borrow_mut() = restored;
+    // Restore before any task runs: a message or subscription arriving from another
+    // shard must find the restored queue state, not create an empty one that the
+    // restore would then overwrite (losing what it had taken, confirms included).
+    shard.restore();
+    shared.restored_shards.fetch_add(1, Ordering::AcqRel);
     // Receivers first, each in its own task, so that no connect waits on another.
     for (consumer, notify, bell) in w.inc {
         let shard = shard.clone();
@@ -1591,7 +1602,9 @@ async fn shard_main(
         let shard = shard.clone();
         glommio::spawn_local(async move { tick_task(shard).await }).detach();
     }
-    shard.restore();
+    while shared.restored_shards.load(Ordering::Acquire) < shared.shards {
+        glommio::timer::sleep(START_POLL).await;
+    }
     let listener = glommio::net::TcpListener::bind(shared.config.listen).map_err(|e| {
         std::io::Error::other(format!("cannot listen on {}: {e}", shared.config.listen))
     })?;

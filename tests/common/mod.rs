@@ -30,6 +30,8 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 pub const RECV_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to listen for a frame that must NOT arrive.
 pub const QUIET: Duration = Duration::from_millis(300);
+/// How long the server may take to exit after SIGTERM (final checkpoint included).
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Name of the header that names the shard serving a connection.
 pub const SHARD_HEADER: &str = "x-pubsub-shard";
 
@@ -228,6 +230,56 @@ impl Server {
     pub fn restart(&mut self) {
         self.kill9();
         self.spawn();
+    }
+
+    /// Stops the process gracefully with SIGTERM (the server writes a final checkpoint)
+    /// and waits for it to exit; panics with its output if it does not exit within
+    /// [`STOP_TIMEOUT`]. Returns the exit status. [`Server::restart`] starts it again.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let Some(mut child) = self.child.take() else {
+            panic!("terminate: the server is not running");
+        };
+        let pid = libc::pid_t::try_from(child.id()).unwrap();
+        // SAFETY: `pid` is our own child, not yet reaped (we hold its `Child`), so the
+        // number cannot have been reused by another process.
+        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(
+            rc,
+            0,
+            "kill(SIGTERM) failed: {}",
+            std::io::Error::last_os_error()
+        );
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "pubsub did not exit within {STOP_TIMEOUT:?} of SIGTERM; its output:\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The whole stderr/stdout of start number `n` (1 = the first run).
+    pub fn log_of_start(&self, n: u32) -> String {
+        let text = std::fs::read(self.root.join(format!("stderr-{n}.log"))).unwrap_or_default();
+        String::from_utf8_lossy(&text).into_owned()
+    }
+
+    /// How many times the process was started.
+    pub fn starts(&self) -> u32 {
+        self.starts
     }
 
     pub fn data_dir(&self) -> &std::path::Path {
@@ -911,5 +963,124 @@ impl Ws {
     pub fn close(mut self) {
         let _ = self.ws.close(None);
         let _ = self.ws.flush();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// PostgreSQL: a schema of its own per test
+// ---------------------------------------------------------------------------
+
+/// Where the tests expect PostgreSQL (database `test`, trust auth).
+pub const PG_ADDR: &str = "127.0.0.1:5432";
+
+/// A schema of its own for one test on the PostgreSQL at [`PG_ADDR`], dropped on drop.
+pub struct PgSchema {
+    /// `postgres://role@127.0.0.1:5432/test` (or `PUBSUB_TEST_PG_URL`).
+    pub admin_url: String,
+    /// The schema's name (`pubsub_it_<tag>_<pid>_<n>_<nanos>`).
+    pub schema: String,
+}
+
+impl PgSchema {
+    /// A fresh schema name for `tag`, or `None` after printing
+    /// `SKIP: no PostgreSQL on 127.0.0.1:5432` when nothing listens there. Panics when
+    /// something listens but no role (`postgres`, then `root`) can connect.
+    pub fn new(tag: &str) -> Option<PgSchema> {
+        let addr: SocketAddr = PG_ADDR.parse().unwrap();
+        if TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err() {
+            eprintln!("SKIP: no PostgreSQL on {PG_ADDR}");
+            return None;
+        }
+        let admin_url = match std::env::var("PUBSUB_TEST_PG_URL") {
+            Ok(url) => url,
+            Err(_) => {
+                let mut errors = Vec::new();
+                let mut found = None;
+                for user in ["postgres", "root"] {
+                    let url = format!("postgres://{user}@{PG_ADDR}/test");
+                    match postgres::Client::connect(&url, postgres::NoTls) {
+                        Ok(_) => {
+                            found = Some(url);
+                            break;
+                        }
+                        Err(e) => errors.push(format!("{user}: {e:?}")),
+                    }
+                }
+                found.unwrap_or_else(|| {
+                    panic!("PostgreSQL listens on {PG_ADDR} but no role can connect to database test: {errors:?}")
+                })
+            }
+        };
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        Some(PgSchema {
+            admin_url,
+            schema: format!("pubsub_it_{tag}_{}_{n}_{nanos}", std::process::id()),
+        })
+    }
+
+    /// The `--database` URL that puts the server in this schema.
+    pub fn url(&self) -> String {
+        format!("{}?schema={}", self.admin_url, self.schema)
+    }
+
+    /// A client with this schema on its search path, for looking at the tables.
+    pub fn client(&self) -> postgres::Client {
+        let mut c = postgres::Client::connect(&self.admin_url, postgres::NoTls).unwrap();
+        c.batch_execute(&format!("SET search_path TO \"{}\"", self.schema))
+            .unwrap();
+        c
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        match postgres::Client::connect(&self.admin_url, postgres::NoTls) {
+            Ok(mut c) => {
+                if let Err(e) = c.batch_execute(&format!(
+                    "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+                    self.schema
+                )) {
+                    eprintln!("could not drop schema {}: {e}", self.schema);
+                }
+            }
+            Err(e) => eprintln!("could not connect to drop schema {}: {e}", self.schema),
+        }
+    }
+}
+
+/// The backend a durability test runs against.
+pub enum Backend {
+    /// The embedded default: SQLite under `--data-dir`.
+    Sqlite,
+    /// PostgreSQL in a schema of the test's own.
+    Postgres(PgSchema),
+}
+
+impl Backend {
+    /// The server flags that select this backend.
+    pub fn args(&self) -> Vec<String> {
+        match self {
+            Backend::Sqlite => Vec::new(),
+            Backend::Postgres(s) => vec!["--database".to_string(), s.url()],
+        }
+    }
+
+    /// Starts a server on this backend with `extra` flags.
+    pub fn start(&self, extra: &[&str]) -> Server {
+        let mut args = self.args();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        Server::with_args(&refs)
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
     }
 }
