@@ -252,7 +252,8 @@ impl QueueState {
 
     /// Puts a restored message back (recovery): no persistence record, keeps its seq.
     pub fn restore(&mut self, msg: Arc<Message>, seq: u64, redelivered: bool, now: u64) {
-        let expires_at = self.expiry_for(&msg, now);
+        // The queue's TTL runs from when the message entered it, not from the restart.
+        let expires_at = self.expiry_for(&msg, msg.published_at.min(now));
         self.next_seq = self.next_seq.max(seq + 1);
         self.handle.depth.fetch_add(1, Ordering::AcqRel);
         self.ready.push_back(Entry {
