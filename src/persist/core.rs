@@ -163,16 +163,32 @@ impl Core {
     /// Moves what shard `i` handed over into the checkpointer; true if there was any.
     fn drain(&self, i: usize) -> bool {
         let mut got = false;
+        let mut failed = Vec::new();
         {
             let mut rings = self.rings.borrow_mut();
             let Some(ring) = rings.get_mut(i) else {
                 return false;
             };
             let mut cp = self.cp.borrow_mut();
+            let down = self.shared.store_down.load(Ordering::Acquire);
             while let Some(m) = ring.pop() {
                 got = true;
-                cp.push(m.rec, m.ticket.map(encode));
+                match m.ticket {
+                    // The database is unreachable: say so now rather than after it
+                    // returns. The record is still kept and written later.
+                    Some(t) if down => {
+                        failed.push(encode(t));
+                        cp.push(m.rec, None);
+                    }
+                    t => cp.push(m.rec, t.map(encode)),
+                }
             }
+            self.shared
+                .store_backlogged
+                .store(cp.is_over_limit(), Ordering::Release);
+        }
+        for t in failed {
+            self.answer(t, false);
         }
         if got && self.first_pending.get().is_none() {
             self.first_pending.set(Some(Instant::now()));
@@ -218,6 +234,10 @@ impl Core {
         let result = self.store.borrow_mut().commit(&batch.records);
         match result {
             Ok(stats) => {
+                self.shared.store_down.store(false, Ordering::Release);
+                self.shared
+                    .store_backlogged
+                    .store(self.cp.borrow().is_over_limit(), Ordering::Release);
                 let us = started.elapsed().as_micros() as u64;
                 m.checkpoints.fetch_add(1, Ordering::Relaxed);
                 m.records.fetch_add(stats.records as u64, Ordering::Relaxed);
@@ -238,6 +258,7 @@ impl Core {
                     self.answer(t, false);
                 }
                 if e.is_connection_lost() {
+                    self.shared.store_down.store(true, Ordering::Release);
                     // Keep the records; they are written once the database is back.
                     self.cp.borrow_mut().restore(batch.records);
                     if self.first_pending.get().is_none() {

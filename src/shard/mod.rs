@@ -212,6 +212,10 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Set when the process is stopping.
     pub stopping: std::sync::atomic::AtomicBool,
+    /// Set by the persistence core while the database is unreachable.
+    pub store_down: std::sync::atomic::AtomicBool,
+    /// Set by the persistence core while its unwritten backlog is over its limit.
+    pub store_backlogged: std::sync::atomic::AtomicBool,
     /// Set by the persistence core once its final checkpoint is written.
     pub flushed: std::sync::atomic::AtomicBool,
     /// Shards that have put their restored durable messages in place. No shard opens
@@ -229,6 +233,8 @@ impl Shared {
             metrics: Metrics::new(shards),
             stopping: std::sync::atomic::AtomicBool::new(false),
             flushed: std::sync::atomic::AtomicBool::new(false),
+            store_down: std::sync::atomic::AtomicBool::new(false),
+            store_backlogged: std::sync::atomic::AtomicBool::new(false),
             restored_shards: std::sync::atomic::AtomicUsize::new(0),
         }
     }
@@ -875,6 +881,24 @@ impl Shard {
         let Some(x) = topo.exchange(exchange) else {
             return Err(TopologyError::NoExchange(exchange.to_owned()).into());
         };
+        let key = std::str::from_utf8(&p.key).unwrap_or("");
+        if p.persistent {
+            let down = self.shared.store_down.load(Ordering::Acquire);
+            let backlogged = self.shared.store_backlogged.load(Ordering::Acquire);
+            if down || backlogged {
+                // Refuse before anything is stored if a durable queue would take it.
+                let mut durable = false;
+                x.route(key).for_each(|q| durable |= q.spec.durable);
+                if durable && down {
+                    return Err(BrokerError::Store(
+                        "the durable store is unreachable; nothing was stored".into(),
+                    ));
+                }
+                if durable {
+                    return Err(BrokerError::ResourceLimit);
+                }
+            }
+        }
         let id = self.ids.borrow_mut().next_id();
         let msg = Arc::new(Message {
             id,
@@ -887,7 +911,6 @@ impl Shard {
             expires_at: p.ttl_ms.map(|t| now.saturating_add(t)),
             persistent: p.persistent,
         });
-        let key = std::str::from_utf8(&p.key).unwrap_or("");
         let ticket = p.confirm.then(|| Ticket {
             shard: self.id,
             token: self.token(),
