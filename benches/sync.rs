@@ -4,7 +4,8 @@
 //!
 //! * `push_pop/*`: one push then one pop on a single thread (uncontended cost).
 //! * `cross_thread/*`: [`ITEMS`] items from one producer thread to one consumer
-//!   thread (cross-thread throughput; both spin when full/empty); the `_2p` rows
+//!   thread (cross-thread throughput; a side that finds the queue full/empty spins
+//!   [`SPIN_LIMIT`] times, then yields); the `_2p` rows
 //!   move the same total from two producer threads to one consumer.
 //!
 //! Run: `cargo bench --bench sync`; results and analysis in
@@ -18,6 +19,28 @@ use std::hint::black_box;
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::thread;
 use std::time::Duration;
+
+/// Busy-wait iterations before a waiting side starts yielding its time slice.
+const SPIN_LIMIT: u32 = 128;
+
+/// Spin briefly, then yield: on an oversubscribed machine a pure spin burns the
+/// time slice the other side needs to make progress.
+#[derive(Default)]
+struct Backoff(u32);
+
+impl Backoff {
+    fn snooze(&mut self) {
+        if self.0 < SPIN_LIMIT {
+            self.0 += 1;
+            std::hint::spin_loop();
+        } else {
+            thread::yield_now();
+        }
+    }
+    fn reset(&mut self) {
+        self.0 = 0;
+    }
+}
 
 /// Items moved per cross-thread iteration.
 const ITEMS: u64 = 100_000;
@@ -109,20 +132,23 @@ fn cross_thread(c: &mut Criterion) {
             let h = thread::spawn(move || {
                 for i in 0..ITEMS {
                     let mut v = i;
+                    let mut w = Backoff::default();
                     while let Err(back) = tx.push(v) {
                         v = back;
-                        std::hint::spin_loop();
+                        w.snooze();
                     }
                 }
             });
             let mut n = 0;
+            let mut w = Backoff::default();
             while n < ITEMS {
                 match rx.pop() {
                     Some(v) => {
                         black_box(v);
                         n += 1;
+                        w.reset();
                     }
-                    None => std::hint::spin_loop(),
+                    None => w.snooze(),
                 }
             }
             h.join().unwrap();
@@ -137,21 +163,24 @@ fn cross_thread(c: &mut Criterion) {
                 move |n| {
                     for i in 0..n {
                         let mut v = i;
+                        let mut w = Backoff::default();
                         while let Err(back) = qp.push(v) {
                             v = back;
-                            std::hint::spin_loop();
+                            w.snooze();
                         }
                     }
                 },
                 |total| {
                     let mut n = 0;
+                    let mut w = Backoff::default();
                     while n < total {
                         match q.pop() {
                             Some(v) => {
                                 black_box(v);
                                 n += 1;
+                                w.reset();
                             }
-                            None => std::hint::spin_loop(),
+                            None => w.snooze(),
                         }
                     }
                 },
@@ -235,13 +264,15 @@ fn cross_thread(c: &mut Criterion) {
 
 fn drain(total: u64, mut pop: impl FnMut() -> Option<u64>) {
     let mut n = 0;
+    let mut w = Backoff::default();
     while n < total {
         match pop() {
             Some(v) => {
                 black_box(v);
                 n += 1;
+                w.reset();
             }
-            None => std::hint::spin_loop(),
+            None => w.snooze(),
         }
     }
 }

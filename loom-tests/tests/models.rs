@@ -57,6 +57,18 @@ impl Drop for Item {
     }
 }
 
+/// Runs a model with no preemption bound (every interleaving, whatever
+/// `LOOM_MAX_PREEMPTIONS` says): used for the models small enough to finish in
+/// seconds that way. The others take the bound from the environment.
+fn exhaustive<F>(f: F)
+where
+    F: Fn() + Sync + Send + 'static,
+{
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = None;
+    builder.check(f);
+}
+
 fn push_spin<T>(tx: &mut spsc::Producer<T>, mut v: T) {
     loop {
         match tx.push(v) {
@@ -76,7 +88,7 @@ fn push_spin<T>(tx: &mut spsc::Producer<T>, mut v: T) {
 /// 0), and every item dropped exactly once.
 #[test]
 fn spsc_fifo_wraparound() {
-    loom::model(|| {
+    exhaustive(|| {
         let log = DropLog::new(3);
         let (mut tx, mut rx) = spsc::channel::<Item>(2);
         assert_eq!(tx.capacity(), 2);
@@ -107,7 +119,7 @@ fn spsc_fifo_wraparound() {
 /// threads) are dropped exactly once; a push refused when full hands the item back.
 #[test]
 fn spsc_drop_leftovers() {
-    loom::model(|| {
+    exhaustive(|| {
         let log = DropLog::new(3);
         let (mut tx, mut rx) = spsc::channel::<Item>(2);
         let l2 = log.clone();
@@ -172,7 +184,7 @@ fn mpsc_two_producers_one_consumer() {
 /// with items inside: no leak, no double drop.
 #[test]
 fn mpsc_drop_leftovers() {
-    loom::model(|| {
+    exhaustive(|| {
         let log = DropLog::new(3);
         let q = Arc::new(MsgQueue::<Item>::new());
         let (qp, lp) = (q.clone(), log.clone());
@@ -201,7 +213,7 @@ fn mpsc_drop_leftovers() {
 /// free that crashes instead of failing the assertion.)
 #[test]
 fn mpsc_concurrent_poppers() {
-    loom::model(|| {
+    exhaustive(|| {
         let q = Arc::new(MsgQueue::<usize>::new());
         q.push(7);
         let q2 = q.clone();
@@ -328,7 +340,7 @@ fn snapshot_two_writers() {
 /// waiting forever, which loom reports as a deadlock).
 #[test]
 fn notify_no_lost_wakeup_ring() {
-    loom::model(|| {
+    exhaustive(|| {
         let (mut tx, mut rx) = spsc::channel::<usize>(2);
         let notify = Arc::new(Notify::new());
         let bell = Arc::new(loom::sync::Notify::new());

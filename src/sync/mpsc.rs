@@ -240,6 +240,17 @@ impl<T> MsgQueue<T> {
     /// Takes the oldest ready item. `None` when empty, or when the oldest claimed
     /// slot is still being written by its producer (who will wake the consumer).
     pub fn pop(&self) -> Option<T> {
+        // Fast path, loads only: when no position past `head` is claimed the queue
+        // is empty, and an idle consumer polling it pays no read-modify-write. For
+        // the single consumer `head.index` is its own exact value; `tail.index`
+        // only grows, so equality means nothing was claimed when it was read. (With
+        // several poppers this may miss an item pushed meanwhile, like any racing
+        // pop.) Acquire pairs with the claim CAS / installer store. The park
+        // protocol relies on `is_empty`, not on this check.
+        let head = self.head.index.load(Ordering::Acquire);
+        if self.tail.index.load(Ordering::Acquire) == head {
+            return None;
+        }
         let _held = self.lock_consumer();
         // Relaxed: only the flag holder writes these; the flag's Acquire made the
         // previous holder's writes visible.
