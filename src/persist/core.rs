@@ -19,14 +19,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use glommio::channels::shared_channel::{
-    ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
-};
 use glommio::{LocalExecutorBuilder, Placement};
 
 use super::{Checkpointer, Record, Store, Ticket};
 use crate::routing;
+use crate::shard::bell::{BellRx, BellTx};
 use crate::shard::signal::Signal;
+use crate::shard::{RecvEnd, SendEnd};
 use crate::shard::{ShardMsg, Shared};
 use crate::sync::notify::Notify;
 use crate::sync::spsc;
@@ -62,15 +61,15 @@ pub fn decode(t: Ticket) -> routing::Ticket {
 /// The core's ends of its links with one shard.
 pub struct CoreEnds {
     /// Records from the shard.
-    pub from_shard: (spsc::Consumer<PersistMsg>, Arc<Notify>, SharedReceiver<u8>),
+    pub from_shard: RecvEnd<PersistMsg>,
     /// Answers to the shard.
-    pub to_shard: (spsc::Producer<ShardMsg>, Arc<Notify>, SharedSender<u8>),
+    pub to_shard: SendEnd<ShardMsg>,
 }
 
 struct Out {
     ring: RefCell<spsc::Producer<ShardMsg>>,
     notify: Arc<Notify>,
-    bell: ConnectedSender<u8>,
+    bell: BellTx,
 }
 
 struct Core {
@@ -113,23 +112,14 @@ async fn core_main(shared: Arc<Shared>, store: Box<dyn Store>, ends: Vec<CoreEnd
         rings: RefCell::new(Vec::with_capacity(n)),
         first_pending: Cell::new(None),
     });
-    let mut pending = Vec::new();
+    // Everything in place before any intake task runs (glommio runs a spawned task
+    // right away).
+    let mut intakes = Vec::with_capacity(n);
     for (i, e) in ends.into_iter().enumerate() {
         let (ring, notify, bell) = e.from_shard;
         core.rings.borrow_mut().push(ring);
-        let c = core.clone();
-        glommio::spawn_local(async move {
-            let bell = bell.connect().await;
-            intake(c, i, notify, bell).await;
-        })
-        .detach();
+        intakes.push((i, notify, bell.register()));
         let (ring, notify, bell) = e.to_shard;
-        pending.push(glommio::spawn_local(async move {
-            (i, ring, notify, bell.connect().await)
-        }));
-    }
-    for p in pending {
-        let (i, ring, notify, bell) = p.await;
         if let Some(slot) = core.out.borrow_mut().get_mut(i) {
             *slot = Some(Out {
                 ring: RefCell::new(ring),
@@ -138,11 +128,15 @@ async fn core_main(shared: Arc<Shared>, store: Box<dyn Store>, ends: Vec<CoreEnd
             });
         }
     }
+    for (i, notify, bell) in intakes {
+        let c = core.clone();
+        glommio::spawn_local(async move { intake(c, i, notify, bell).await }).detach();
+    }
     committer(core).await;
 }
 
 /// Drains shard `i`'s ring into the checkpointer whenever the shard rings.
-async fn intake(core: Rc<Core>, i: usize, notify: Arc<Notify>, bell: ConnectedReceiver<u8>) {
+async fn intake(core: Rc<Core>, i: usize, notify: Arc<Notify>, mut bell: BellRx) {
     loop {
         if core.drain(i) {
             core.signal.notify();
@@ -152,7 +146,8 @@ async fn intake(core: Rc<Core>, i: usize, notify: Arc<Notify>, bell: ConnectedRe
             notify.cancel_park();
             continue;
         }
-        if bell.recv().await.is_none() {
+        if let Err(e) = bell.wait().await {
+            tracing::error!(shard = i, error = %e, "doorbell closed; intake ends");
             return;
         }
         notify.cancel_park();
@@ -218,7 +213,7 @@ impl Core {
             }
         }
         if o.notify.should_wake() {
-            let _ = o.bell.try_send(1);
+            o.bell.ring();
         }
     }
 

@@ -4,8 +4,8 @@
 //! running the same accept loop on the same port (SO_REUSEPORT). A connection stays
 //! on the shard that accepted it; a queue lives on its home shard
 //! ([`crate::routing::placement`] of its name). Shards talk over one SPSC ring per
-//! ordered pair ([`crate::sync::spsc`]) with a doorbell (a glommio shared channel of
-//! capacity 1) rung only when the receiving side has parked ([`crate::sync::notify`]).
+//! ordered pair ([`crate::sync::spsc`]) with a doorbell ([`bell`], a socket pair) rung
+//! only when the receiving side has parked ([`crate::sync::notify`]).
 //!
 //! The data path of one publish (see `docs/architecture.md`):
 //! connection shard decodes `PUBLISH` → routes against the epoch-protected topology
@@ -15,6 +15,7 @@
 //! dispatches round robin → each delivery goes to the subscriber's shard (a ring
 //! message, or a direct hand-off when local) → the connection writes `MESSAGE` frames.
 
+pub mod bell;
 pub mod conn;
 pub mod signal;
 
@@ -25,10 +26,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use self::bell::{BellRx, BellRxStd, BellTx};
 use bytes::Bytes;
-use glommio::channels::shared_channel::{
-    self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
-};
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::command::{AckMode, BindingDecl, ExchangeDecl, Publish, QueueDecl, QueueSpec};
@@ -54,8 +53,6 @@ pub const IO_MEMORY: usize = 512 * 1024;
 pub const EXPIRY_TICK: Duration = Duration::from_millis(20);
 /// Messages a ring task handles before yielding to the shard's other tasks.
 const RING_BATCH: usize = 512;
-/// How often a started shard looks whether every shard has restored its queues.
-const START_POLL: Duration = Duration::from_millis(1);
 
 /// Errors of broker operations, mapped to the contract's codes at the edge.
 #[derive(Debug, thiserror::Error)]
@@ -218,9 +215,6 @@ pub struct Shared {
     pub store_backlogged: std::sync::atomic::AtomicBool,
     /// Set by the persistence core once its final checkpoint is written.
     pub flushed: std::sync::atomic::AtomicBool,
-    /// Shards that have put their restored durable messages in place. No shard opens
-    /// its listener before all have: a client never sees a partly restored queue.
-    pub restored_shards: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -235,7 +229,6 @@ impl Shared {
             flushed: std::sync::atomic::AtomicBool::new(false),
             store_down: std::sync::atomic::AtomicBool::new(false),
             store_backlogged: std::sync::atomic::AtomicBool::new(false),
-            restored_shards: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 }
@@ -247,11 +240,11 @@ struct Link<T: 'static> {
     overflow: RefCell<VecDeque<T>>,
     flushing: Cell<bool>,
     notify: Arc<Notify>,
-    bell: ConnectedSender<u8>,
+    bell: BellTx,
 }
 
 impl<T: 'static> Link<T> {
-    fn new(ring: spsc::Producer<T>, notify: Arc<Notify>, bell: ConnectedSender<u8>) -> Rc<Self> {
+    fn new(ring: spsc::Producer<T>, notify: Arc<Notify>, bell: BellTx) -> Rc<Self> {
         Rc::new(Self {
             ring: RefCell::new(ring),
             overflow: RefCell::new(VecDeque::new()),
@@ -272,7 +265,7 @@ impl<T: 'static> Link<T> {
         match pushed {
             Ok(()) => {
                 if self.notify.should_wake() {
-                    let _ = self.bell.try_send(1);
+                    self.bell.ring();
                 }
             }
             Err(msg) => {
@@ -302,7 +295,7 @@ impl<T: 'static> Link<T> {
                 }
             }
             if self.notify.should_wake() {
-                let _ = self.bell.try_send(1);
+                self.bell.ring();
             }
             if self.overflow.borrow().is_empty() {
                 self.flushing.set(false);
@@ -400,7 +393,6 @@ pub struct Shard {
     waiters: RefCell<HashMap<u64, Waiter>>,
     next_token: Cell<u64>,
     next_conn: Cell<u64>,
-    restored: RefCell<Vec<RestoredQueue>>,
 }
 
 /// Messages of one durable queue read back at start.
@@ -427,7 +419,6 @@ impl Shard {
             waiters: RefCell::new(HashMap::new()),
             next_token: Cell::new(1),
             next_conn: Cell::new(1),
-            restored: RefCell::new(Vec::new()),
         }
     }
 
@@ -445,7 +436,7 @@ impl Shard {
         let link = self.links.borrow().get(to).and_then(|l| l.clone());
         match link {
             Some(link) => link.push(msg),
-            None => tracing::error!(to, "no link to shard; message dropped"),
+            None => tracing::error!(from = self.id, to, "no link to shard; message dropped"),
         }
     }
 
@@ -1389,30 +1380,6 @@ impl Shard {
             ),
         ])
     }
-
-    /// Puts restored durable messages into their queues (called once at start).
-    fn restore(self: &Rc<Self>) {
-        let restored = std::mem::take(&mut *self.restored.borrow_mut());
-        let now = now_ms();
-        for r in restored {
-            let mut weight = 0;
-            let next = r
-                .messages
-                .iter()
-                .map(|(_, seq, _)| *seq + 1)
-                .max()
-                .unwrap_or(1);
-            let mut state = QueueState::new(r.handle.clone(), next);
-            for (m, seq, delivered) in r.messages {
-                weight += m.weight();
-                state.restore(m, seq, delivered, now);
-            }
-            self.counters()
-                .memory
-                .fetch_add(weight as i64, Ordering::Relaxed);
-            self.queues.borrow_mut().insert(r.handle.id, state);
-        }
-    }
 }
 
 /// The stored form of a queue's settings.
@@ -1462,9 +1429,9 @@ fn queue_value(q: &QueueHandle) -> serde_json::Value {
 }
 
 /// A ring's sending end with its wake-up flag and doorbell.
-type SendEnd<T> = (spsc::Producer<T>, Arc<Notify>, SharedSender<u8>);
+pub type SendEnd<T> = (spsc::Producer<T>, Arc<Notify>, BellTx);
 /// A ring's receiving end with its wake-up flag and doorbell.
-type RecvEnd<T> = (spsc::Consumer<T>, Arc<Notify>, SharedReceiver<u8>);
+pub type RecvEnd<T> = (spsc::Consumer<T>, Arc<Notify>, BellRxStd);
 
 /// The ends of the links one shard owns, handed to its executor at start.
 struct Wiring {
@@ -1493,8 +1460,9 @@ fn allowed_cpus() -> Vec<usize> {
 }
 
 /// Starts the persistence core and every shard, and blocks until the shards stop.
-/// `restored` holds the durable queues' messages read back at start, handed to their
-/// home shards.
+/// `restored` holds the durable queues' messages read back at start; they are put
+/// back into their queues here, before any executor runs, so that no listener opens
+/// on a partly restored broker.
 pub fn run(
     shared: Arc<Shared>,
     store: Box<dyn Store>,
@@ -1512,15 +1480,15 @@ pub fn run(
     for w in wiring.iter_mut() {
         let (to_core, from_shard) = spsc::channel(RING_CAPACITY);
         let up_notify = Arc::new(Notify::new());
-        let (up_bs, up_br) = shared_channel::new_bounded::<u8>(1);
+        let (up_tx, up_rx) = bell::bell()?;
         let (to_shard, from_core) = spsc::channel(RING_CAPACITY);
         let down_notify = Arc::new(Notify::new());
-        let (down_bs, down_br) = shared_channel::new_bounded::<u8>(1);
-        w.persist = Some((to_core, up_notify.clone(), up_bs));
-        w.inc.push((from_core, down_notify.clone(), down_br));
+        let (down_tx, down_rx) = bell::bell()?;
+        w.persist = Some((to_core, up_notify.clone(), up_tx));
+        w.inc.push((from_core, down_notify.clone(), down_rx));
         core_ends.push(CoreEnds {
-            from_shard: (from_shard, up_notify, up_br),
-            to_shard: (to_shard, down_notify, down_bs),
+            from_shard: (from_shard, up_notify, up_rx),
+            to_shard: (to_shard, down_notify, down_tx),
         });
     }
     crate::persist::core::spawn(shared.clone(), store, core_ends)?;
@@ -1531,24 +1499,43 @@ pub fn run(
             }
             let (p, c) = spsc::channel(RING_CAPACITY);
             let notify = Arc::new(Notify::new());
-            let (bs, br) = shared_channel::new_bounded::<u8>(1);
+            let (tx, rx) = bell::bell()?;
             if let Some(slot) = wiring.get_mut(from).and_then(|w| w.out.get_mut(to)) {
-                *slot = Some((p, notify.clone(), bs));
+                *slot = Some((p, notify.clone(), tx));
             }
             if let Some(w) = wiring.get_mut(to) {
-                w.inc.push((c, notify, br));
+                w.inc.push((c, notify, rx));
             }
         }
     }
-    let mut per_shard: Vec<Vec<RestoredQueue>> = (0..n).map(|_| Vec::new()).collect();
+    let mut per_shard: Vec<Vec<QueueState>> = (0..n).map(|_| Vec::new()).collect();
+    let now = now_ms();
     for r in restored {
-        if let Some(v) = per_shard.get_mut(r.handle.home) {
-            v.push(r);
+        let home = r.handle.home;
+        let next = r
+            .messages
+            .iter()
+            .map(|(_, seq, _)| *seq + 1)
+            .max()
+            .unwrap_or(1);
+        let mut state = QueueState::new(r.handle.clone(), next);
+        let mut weight = 0;
+        for (m, seq, delivered) in r.messages {
+            weight += m.weight();
+            state.restore(m, seq, delivered, now);
+        }
+        shared
+            .metrics
+            .shard(home)
+            .memory
+            .fetch_add(weight as i64, Ordering::Relaxed);
+        if let Some(v) = per_shard.get_mut(home) {
+            v.push(state);
         }
     }
     let cpus = allowed_cpus();
     let mut handles = Vec::new();
-    for (i, (w, rq)) in wiring.into_iter().zip(per_shard).enumerate() {
+    for (i, (w, queues)) in wiring.into_iter().zip(per_shard).enumerate() {
         let shared = shared.clone();
         let placement = match cpus.get(i % cpus.len().max(1)) {
             Some(cpu) => Placement::Fixed(*cpu),
@@ -1561,7 +1548,7 @@ pub fn run(
             builder = builder.spin_before_park(Duration::from_micros(shared.config.spin_us));
         }
         let h = builder
-            .spawn(move || async move { shard_main(i, shared, w, rq).await })
+            .spawn(move || async move { shard_main(i, shared, w, queues).await })
             .map_err(|e| std::io::Error::other(format!("cannot start shard {i}: {e}")))?;
         handles.push(h);
     }
@@ -1580,42 +1567,31 @@ async fn shard_main(
     i: usize,
     shared: Arc<Shared>,
     w: Wiring,
-    restored: Vec<RestoredQueue>,
+    queues: Vec<QueueState>,
 ) -> std::io::Result<()> {
     let shard = Rc::new(Shard::new(i, shared.clone()));
-    *shard.restored.borrow_mut() = restored;
-    // Restore before any task runs: a message or subscription arriving from another
-    // shard must find the restored queue state, not create an empty one that the
-    // restore would then overwrite (losing what it had taken, confirms included).
-    shard.restore();
-    shared.restored_shards.fetch_add(1, Ordering::AcqRel);
-    // Receivers first, each in its own task, so that no connect waits on another.
-    for (consumer, notify, bell) in w.inc {
-        let shard = shard.clone();
-        glommio::spawn_local(async move {
-            let bell = bell.connect().await;
-            ring_task(shard, consumer, notify, bell).await;
-        })
-        .detach();
-    }
-    let mut pending = Vec::new();
-    for (to, slot) in w.out.into_iter().enumerate() {
-        if let Some((ring, notify, bell)) = slot {
-            pending.push(glommio::spawn_local(async move {
-                (to, ring, notify, bell.connect().await)
-            }));
+    {
+        let mut map = shard.queues.borrow_mut();
+        for q in queues {
+            map.insert(q.handle().id, q);
         }
     }
-    let mut links: Vec<Option<Rc<Link<ShardMsg>>>> = (0..shared.shards).map(|_| None).collect();
-    for t in pending {
-        let (to, ring, notify, bell) = t.await;
-        if let Some(slot) = links.get_mut(to) {
-            *slot = Some(Link::new(ring, notify, bell));
-        }
-    }
+    // Outgoing links first: glommio runs a spawned task right away, so a ring task
+    // may handle (and send) before the next line of this function.
+    let links: Vec<Option<Rc<Link<ShardMsg>>>> = w
+        .out
+        .into_iter()
+        .map(|slot| slot.map(|(ring, notify, bell)| Link::new(ring, notify, bell)))
+        .collect();
     *shard.links.borrow_mut() = links;
     if let Some((ring, notify, bell)) = w.persist {
-        *shard.persist.borrow_mut() = Some(Link::new(ring, notify, bell.connect().await));
+        *shard.persist.borrow_mut() = Some(Link::new(ring, notify, bell));
+    }
+    for (consumer, notify, bell) in w.inc {
+        let shard = shard.clone();
+        let bell = bell.register();
+        glommio::spawn_local(async move { ring_task(shard, consumer, notify, bell).await })
+            .detach();
     }
     {
         let shard = shard.clone();
@@ -1624,9 +1600,6 @@ async fn shard_main(
     {
         let shard = shard.clone();
         glommio::spawn_local(async move { tick_task(shard).await }).detach();
-    }
-    while shared.restored_shards.load(Ordering::Acquire) < shared.shards {
-        glommio::timer::sleep(START_POLL).await;
     }
     let listener = glommio::net::TcpListener::bind(shared.config.listen).map_err(|e| {
         std::io::Error::other(format!("cannot listen on {}: {e}", shared.config.listen))
@@ -1651,7 +1624,7 @@ async fn ring_task(
     shard: Rc<Shard>,
     mut ring: spsc::Consumer<ShardMsg>,
     notify: Arc<Notify>,
-    bell: ConnectedReceiver<u8>,
+    mut bell: BellRx,
 ) {
     loop {
         let mut n = 0;
@@ -1668,7 +1641,8 @@ async fn ring_task(
             notify.cancel_park();
             continue;
         }
-        if bell.recv().await.is_none() {
+        if let Err(e) = bell.wait().await {
+            tracing::error!(shard = shard.id, error = %e, "doorbell closed; ring task ends");
             return;
         }
         notify.cancel_park();
