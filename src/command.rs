@@ -310,10 +310,14 @@ pub enum Command {
 /// Checks a client-chosen exchange or queue name.
 pub fn validate_name(name: &str, what: &str) -> Result<(), CommandError> {
     if name.is_empty() || name.len() > MAX_NAME_BYTES {
-        return Err(bad(format!("{what} name must be 1 to {MAX_NAME_BYTES} bytes")));
+        return Err(bad(format!(
+            "{what} name must be 1 to {MAX_NAME_BYTES} bytes"
+        )));
     }
     if name.chars().any(char::is_control) {
-        return Err(bad(format!("{what} name must not contain control characters")));
+        return Err(bad(format!(
+            "{what} name must not contain control characters"
+        )));
     }
     if RESERVED_PREFIXES.iter().any(|p| name.starts_with(p)) {
         return Err(CommandError::Reserved(name.to_owned()));
@@ -324,7 +328,9 @@ pub fn validate_name(name: &str, what: &str) -> Result<(), CommandError> {
 /// Checks a name used to refer to an existing object (reserved names allowed).
 fn validate_ref_name(name: &str, what: &str) -> Result<(), CommandError> {
     if name.is_empty() || name.len() > MAX_NAME_BYTES || name.chars().any(char::is_control) {
-        return Err(bad(format!("{what} name must be 1 to {MAX_NAME_BYTES} bytes with no control characters")));
+        return Err(bad(format!(
+            "{what} name must be 1 to {MAX_NAME_BYTES} bytes with no control characters"
+        )));
     }
     Ok(())
 }
@@ -446,7 +452,9 @@ pub fn decode_exchange(body: &[u8]) -> Result<ExchangeDecl, CommandError> {
     validate_name(&b.name, "exchange")?;
     let kind_name = b.kind.ok_or_else(|| bad("field \"type\" is required"))?;
     let kind = ExchangeKind::parse(&kind_name).ok_or_else(|| {
-        bad(format!("unknown exchange type {kind_name:?}: use direct, fanout or topic"))
+        bad(format!(
+            "unknown exchange type {kind_name:?}: use direct, fanout or topic"
+        ))
     })?;
     Ok(ExchangeDecl {
         name: b.name.into_owned(),
@@ -462,7 +470,9 @@ pub fn decode_queue(body: &[u8]) -> Result<QueueDecl, CommandError> {
     let overflow = match b.overflow {
         None => Overflow::default(),
         Some(s) => Overflow::parse(&s).ok_or_else(|| {
-            bad(format!("unknown overflow {s:?}: use reject_publish or drop_head"))
+            bad(format!(
+                "unknown overflow {s:?}: use reject_publish or drop_head"
+            ))
         })?,
     };
     if let Some(dlx) = &b.dead_letter_exchange {
@@ -485,7 +495,11 @@ pub fn decode_binding(body: &[u8]) -> Result<BindingDecl, CommandError> {
     let b: BindingBody = serde_json::from_slice(body).map_err(json_err)?;
     validate_ref_name(&b.exchange_name, "exchange")?;
     validate_ref_name(&b.queue_name, "queue")?;
-    let key = b.key.or(b.key_seed).map(Cow::into_owned).unwrap_or_default();
+    let key = b
+        .key
+        .or(b.key_seed)
+        .map(Cow::into_owned)
+        .unwrap_or_default();
     Ok(BindingDecl {
         exchange: b.exchange_name.into_owned(),
         queue: b.queue_name.into_owned(),
@@ -500,9 +514,15 @@ pub fn decode_publish(input: &Bytes, max_payload: usize) -> Result<Publish, Comm
     publish_from(input, b, max_payload)
 }
 
-fn publish_from(input: &Bytes, b: PublishBody<'_>, max_payload: usize) -> Result<Publish, CommandError> {
+fn publish_from(
+    input: &Bytes,
+    b: PublishBody<'_>,
+    max_payload: usize,
+) -> Result<Publish, CommandError> {
     validate_ref_name(&b.exchange_name, "exchange")?;
-    let payload = b.payload.ok_or_else(|| bad("field \"payload\" is required"))?;
+    let payload = b
+        .payload
+        .ok_or_else(|| bad("field \"payload\" is required"))?;
     let payload_text = payload.get();
     if payload_text.len() > max_payload {
         return Err(CommandError::PayloadTooLarge {
@@ -576,7 +596,8 @@ pub fn salvage_ref(frame: &[u8]) -> Option<Bytes> {
 
 /// Decodes one WebSocket text frame `{"type": …, "payload": {…}}`.
 pub fn decode_frame(frame: &Bytes, max_payload: usize) -> Result<Command, CommandError> {
-    let env: Envelope = serde_json::from_slice(frame).map_err(|e| bad(format!("invalid frame: {e}")))?;
+    let env: Envelope =
+        serde_json::from_slice(frame).map_err(|e| bad(format!("invalid frame: {e}")))?;
     let payload = env.payload.map(RawValue::get).unwrap_or("{}");
     let p = payload.as_bytes();
     match env.kind.as_ref() {
@@ -589,7 +610,11 @@ pub fn decode_frame(frame: &Bytes, max_payload: usize) -> Result<Command, Comman
             let ack = match b.ack.as_deref() {
                 None | Some("auto") => AckMode::Auto,
                 Some("manual") => AckMode::Manual,
-                Some(other) => return Err(bad(format!("unknown ack mode {other:?}: use auto or manual"))),
+                Some(other) => {
+                    return Err(bad(format!(
+                        "unknown ack mode {other:?}: use auto or manual"
+                    )))
+                }
             };
             let target = match (b.queue_name, b.exchange_name) {
                 (Some(q), None) => {
@@ -600,10 +625,16 @@ pub fn decode_frame(frame: &Bytes, max_payload: usize) -> Result<Command, Comman
                     validate_ref_name(&x, "exchange")?;
                     SubscribeTarget::Exchange {
                         exchange: x.into_owned(),
-                        key: b.key.or(b.key_seed).map(Cow::into_owned).unwrap_or_default(),
+                        key: b
+                            .key
+                            .or(b.key_seed)
+                            .map(Cow::into_owned)
+                            .unwrap_or_default(),
                     }
                 }
-                (Some(_), Some(_)) => return Err(bad("give either queue_name or exchange_name, not both")),
+                (Some(_), Some(_)) => {
+                    return Err(bad("give either queue_name or exchange_name, not both"))
+                }
                 (None, None) => return Err(bad("SUBSCRIBE needs queue_name or exchange_name")),
             };
             Ok(Command::Subscribe(Subscribe {
@@ -615,7 +646,9 @@ pub fn decode_frame(frame: &Bytes, max_payload: usize) -> Result<Command, Comman
         "UNSUBSCRIBE" => {
             let b: UnsubscribeBody = serde_json::from_slice(p).map_err(json_err)?;
             match (b.subscription, b.queue_name) {
-                (Some(s), _) => Ok(Command::Unsubscribe(Unsubscribe::Subscription(s.into_owned()))),
+                (Some(s), _) => Ok(Command::Unsubscribe(Unsubscribe::Subscription(
+                    s.into_owned(),
+                ))),
                 (None, Some(q)) => Ok(Command::Unsubscribe(Unsubscribe::Queue(q.into_owned()))),
                 (None, None) => Err(bad("UNSUBSCRIBE needs subscription or queue_name")),
             }
@@ -640,7 +673,12 @@ pub fn decode_frame(frame: &Bytes, max_payload: usize) -> Result<Command, Comman
 }
 
 /// Maps an HTTP method and path (segments already percent-decoded) and body to a command.
-pub fn decode_http(method: &str, segments: &[String], body: &Bytes, max_payload: usize) -> Result<Command, CommandError> {
+pub fn decode_http(
+    method: &str,
+    segments: &[String],
+    body: &Bytes,
+    max_payload: usize,
+) -> Result<Command, CommandError> {
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
     match (method, segs.as_slice()) {
         ("GET", []) => Ok(Command::Console),
@@ -659,8 +697,20 @@ pub fn decode_http(method: &str, segments: &[String], body: &Bytes, max_payload:
         ("GET", ["bindings"]) => Ok(Command::ListBindings),
         ("DELETE", ["bindings"]) => Ok(Command::Unbind(decode_binding(body)?)),
         ("POST", ["publish"]) => Ok(Command::Publish(decode_publish(body, max_payload)?)),
-        (_, [] | ["healthz"] | ["metrics"] | ["exchanges"] | ["exchanges", _] | ["queues"] | ["queues", _]
-            | ["queues", _, "purge"] | ["bindings"] | ["publish"] | ["ws"]) => Err(CommandError::MethodNotAllowed),
+        (
+            _,
+            []
+            | ["healthz"]
+            | ["metrics"]
+            | ["exchanges"]
+            | ["exchanges", _]
+            | ["queues"]
+            | ["queues", _]
+            | ["queues", _, "purge"]
+            | ["bindings"]
+            | ["publish"]
+            | ["ws"],
+        ) => Err(CommandError::MethodNotAllowed),
         _ => Err(CommandError::NoRoute),
     }
 }
@@ -675,7 +725,9 @@ mod tests {
 
     #[test]
     fn publish_keeps_payload_bytes_and_slices_input() {
-        let input = b(r#"{"exchange_name":"x","Key":"a.b","payload": {"b": 1,  "a":[1,2 ,3]} ,"confirm":true}"#);
+        let input = b(
+            r#"{"exchange_name":"x","Key":"a.b","payload": {"b": 1,  "a":[1,2 ,3]} ,"confirm":true}"#,
+        );
         let p = decode_publish(&input, 1024).unwrap();
         assert_eq!(&p.payload[..], br#"{"b": 1,  "a":[1,2 ,3]}"#);
         assert_eq!(&p.key[..], b"a.b");
@@ -697,23 +749,68 @@ mod tests {
 
     #[test]
     fn publish_errors() {
-        assert_eq!(decode_publish(&b(r#"{"exchange_name":"x"}"#), 10).unwrap_err().status(), 400);
-        assert_eq!(decode_publish(&b(r#"{"exchange_name":"x","payload":"0123456789abc"}"#), 10).unwrap_err().status(), 413);
-        assert_eq!(decode_publish(&b(r#"{"exchange_name":"x","payload":1,"headers":{"a":1}}"#), 10).unwrap_err().status(), 400);
-        assert_eq!(decode_publish(&b(r#"not json"#), 10).unwrap_err().code(), "bad_request");
-        assert_eq!(decode_publish(&b(r#"{"exchange_name":"x","payload":1,"key":5}"#), 10).unwrap_err().status(), 400);
+        assert_eq!(
+            decode_publish(&b(r#"{"exchange_name":"x"}"#), 10)
+                .unwrap_err()
+                .status(),
+            400
+        );
+        assert_eq!(
+            decode_publish(&b(r#"{"exchange_name":"x","payload":"0123456789abc"}"#), 10)
+                .unwrap_err()
+                .status(),
+            413
+        );
+        assert_eq!(
+            decode_publish(
+                &b(r#"{"exchange_name":"x","payload":1,"headers":{"a":1}}"#),
+                10
+            )
+            .unwrap_err()
+            .status(),
+            400
+        );
+        assert_eq!(
+            decode_publish(&b(r#"not json"#), 10).unwrap_err().code(),
+            "bad_request"
+        );
+        assert_eq!(
+            decode_publish(&b(r#"{"exchange_name":"x","payload":1,"key":5}"#), 10)
+                .unwrap_err()
+                .status(),
+            400
+        );
     }
 
     #[test]
     fn names_are_checked() {
-        assert!(matches!(decode_exchange(br#"{"name":"amq.x","type":"direct"}"#), Err(CommandError::Reserved(_))));
-        assert!(matches!(decode_queue(br#"{"name":"pubsub.q"}"#), Err(CommandError::Reserved(_))));
+        assert!(matches!(
+            decode_exchange(br#"{"name":"amq.x","type":"direct"}"#),
+            Err(CommandError::Reserved(_))
+        ));
+        assert!(matches!(
+            decode_queue(br#"{"name":"pubsub.q"}"#),
+            Err(CommandError::Reserved(_))
+        ));
         assert_eq!(decode_queue(br#"{"name":""}"#).unwrap_err().status(), 400);
-        assert_eq!(decode_queue(br#"{"name":"a\u0001b"}"#).unwrap_err().status(), 400);
+        assert_eq!(
+            decode_queue(br#"{"name":"a\u0001b"}"#)
+                .unwrap_err()
+                .status(),
+            400
+        );
         let long = format!(r#"{{"name":"{}"}}"#, "x".repeat(256));
         assert_eq!(decode_queue(long.as_bytes()).unwrap_err().status(), 400);
-        assert_eq!(decode_exchange(br#"{"name":"x","type":"headers"}"#).unwrap_err().status(), 400);
-        assert_eq!(decode_exchange(br#"{"name":"x"}"#).unwrap_err().status(), 400);
+        assert_eq!(
+            decode_exchange(br#"{"name":"x","type":"headers"}"#)
+                .unwrap_err()
+                .status(),
+            400
+        );
+        assert_eq!(
+            decode_exchange(br#"{"name":"x"}"#).unwrap_err().status(),
+            400
+        );
         let x = decode_exchange(br#"{"name":"x","type":"topic"}"#).unwrap();
         assert!(x.durable);
         assert_eq!(x.kind, ExchangeKind::Topic);
@@ -729,7 +826,8 @@ mod tests {
 
     #[test]
     fn frames_decode() {
-        let f = b(r#"{"type":"SUBSCRIBE","payload":{"queue_name":"q","ack":"manual","prefetch":5}}"#);
+        let f =
+            b(r#"{"type":"SUBSCRIBE","payload":{"queue_name":"q","ack":"manual","prefetch":5}}"#);
         match decode_frame(&f, 10).unwrap() {
             Command::Subscribe(s) => {
                 assert_eq!(s.target, SubscribeTarget::Queue("q".into()));
@@ -747,7 +845,14 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let f = b(r#"{"type":"NACK","payload":{"delivery_tag":3,"requeue":false}}"#);
-        assert!(matches!(decode_frame(&f, 10).unwrap(), Command::Nack { tag: 3, multiple: false, requeue: false }));
+        assert!(matches!(
+            decode_frame(&f, 10).unwrap(),
+            Command::Nack {
+                tag: 3,
+                multiple: false,
+                requeue: false
+            }
+        ));
         assert!(decode_frame(&b(r#"{"type":"NOPE"}"#), 10).is_err());
         assert!(decode_frame(&b(r#"[1,2]"#), 10).is_err());
         assert!(decode_frame(&b(r#"{"type":"ACK","payload":{"delivery_tag":-1}}"#), 10).is_err());
@@ -760,9 +865,24 @@ mod tests {
     fn http_routes() {
         let body = Bytes::new();
         let seg = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        assert!(matches!(decode_http("GET", &seg(&["queues", "a b"]), &body, 10).unwrap(), Command::GetQueue(n) if n == "a b"));
-        assert!(matches!(decode_http("POST", &seg(&["queues", "q", "purge"]), &body, 10).unwrap(), Command::PurgeQueue(_)));
-        assert_eq!(decode_http("PUT", &seg(&["queues"]), &body, 10).unwrap_err().status(), 405);
-        assert_eq!(decode_http("GET", &seg(&["nope"]), &body, 10).unwrap_err().status(), 404);
+        assert!(
+            matches!(decode_http("GET", &seg(&["queues", "a b"]), &body, 10).unwrap(), Command::GetQueue(n) if n == "a b")
+        );
+        assert!(matches!(
+            decode_http("POST", &seg(&["queues", "q", "purge"]), &body, 10).unwrap(),
+            Command::PurgeQueue(_)
+        ));
+        assert_eq!(
+            decode_http("PUT", &seg(&["queues"]), &body, 10)
+                .unwrap_err()
+                .status(),
+            405
+        );
+        assert_eq!(
+            decode_http("GET", &seg(&["nope"]), &body, 10)
+                .unwrap_err()
+                .status(),
+            404
+        );
     }
 }

@@ -34,7 +34,10 @@ fn serve() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log)
         .or_else(|_| tracing_subscriber::EnvFilter::try_new("info"))
         .context("log filter")?;
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
 
     // Block the stop signals in every thread; one thread below waits for them.
     let signals = block_stop_signals();
@@ -42,10 +45,16 @@ fn serve() -> anyhow::Result<()> {
     let started = Instant::now();
     let backend = Backend::from_config(&config.data_dir, config.database.as_deref())
         .context("choosing the durable store")?;
-    let mut store = persist::open(&backend).with_context(|| format!("opening the durable store ({backend})"))?;
+    let mut store = persist::open(&backend)
+        .with_context(|| format!("opening the durable store ({backend})"))?;
     let recovered = store.load().context("reading back durable state")?;
     let shards = config.shard_count();
-    let counts = (recovered.exchanges.len(), recovered.queues.len(), recovered.bindings.len(), recovered.message_count());
+    let counts = (
+        recovered.exchanges.len(),
+        recovered.queues.len(),
+        recovered.bindings.len(),
+        recovered.message_count(),
+    );
     let (topology, restored) = shard::rebuild(recovered, shards);
     tracing::info!(
         store = %store.describe(),

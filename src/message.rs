@@ -64,7 +64,12 @@ impl IdGen {
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(1);
             let mixed = splitmix(nanos ^ (u64::from(std::process::id()) << 32));
-            salt = match BOOT_SALT.compare_exchange(0, mixed | 1, Ordering::Relaxed, Ordering::Relaxed) {
+            salt = match BOOT_SALT.compare_exchange(
+                0,
+                mixed | 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => mixed | 1,
                 Err(existing) => existing,
             };

@@ -60,44 +60,91 @@ impl Metrics {
     /// Counters for `n` shards.
     pub fn new(n: usize) -> Self {
         Self {
-            shards: (0..n).map(|_| CachePadded::new(ShardCounters::default())).collect(),
+            shards: (0..n)
+                .map(|_| CachePadded::new(ShardCounters::default()))
+                .collect(),
             persist: PersistCounters::default(),
         }
     }
 
     /// Counters of shard `i` (shard 0's if out of range).
     pub fn shard(&self, i: usize) -> &ShardCounters {
-        self.shards.get(i).or_else(|| self.shards.first()).map(|c| &**c).unwrap_or_else(|| {
-            static EMPTY: std::sync::OnceLock<ShardCounters> = std::sync::OnceLock::new();
-            EMPTY.get_or_init(ShardCounters::default)
-        })
+        self.shards
+            .get(i)
+            .or_else(|| self.shards.first())
+            .map(|c| &**c)
+            .unwrap_or_else(|| {
+                static EMPTY: std::sync::OnceLock<ShardCounters> = std::sync::OnceLock::new();
+                EMPTY.get_or_init(ShardCounters::default)
+            })
     }
 
     /// Bytes held in queues, summed over shards.
     pub fn memory(&self) -> i64 {
-        self.shards.iter().map(|s| s.memory.load(Ordering::Relaxed)).sum()
+        self.shards
+            .iter()
+            .map(|s| s.memory.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Open connections, summed over shards.
     pub fn connections(&self) -> i64 {
-        self.shards.iter().map(|s| s.connections.load(Ordering::Relaxed)).sum()
+        self.shards
+            .iter()
+            .map(|s| s.connections.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Renders the Prometheus text exposition, with `extra` gauges appended.
     pub fn render(&self, extra: &[(&str, &str, f64)]) -> String {
         let mut out = String::with_capacity(2048);
-        let counters: [(&str, &str, fn(&ShardCounters) -> i64); 8] = [
-            ("pubsub_messages_published_total", "Messages accepted by publish.", |c| c.published.load(Ordering::Relaxed) as i64),
-            ("pubsub_messages_routed_total", "Message copies enqueued, one per target queue.", |c| c.routed.load(Ordering::Relaxed) as i64),
-            ("pubsub_messages_unroutable_total", "Publishes that matched no queue.", |c| c.unroutable.load(Ordering::Relaxed) as i64),
-            ("pubsub_messages_delivered_total", "Messages written to subscribers.", |c| c.delivered.load(Ordering::Relaxed) as i64),
-            ("pubsub_messages_acked_total", "Deliveries settled by ACK.", |c| c.acked.load(Ordering::Relaxed) as i64),
-            ("pubsub_messages_redelivered_total", "Messages requeued for redelivery.", |c| c.redelivered.load(Ordering::Relaxed) as i64),
-            ("pubsub_connections", "Open client connections.", |c| c.connections.load(Ordering::Relaxed)),
-            ("pubsub_queue_memory_bytes", "Bytes of messages held in queues.", |c| c.memory.load(Ordering::Relaxed)),
+        type Getter = fn(&ShardCounters) -> i64;
+        let counters: [(&str, &str, Getter); 8] = [
+            (
+                "pubsub_messages_published_total",
+                "Messages accepted by publish.",
+                |c| c.published.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "pubsub_messages_routed_total",
+                "Message copies enqueued, one per target queue.",
+                |c| c.routed.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "pubsub_messages_unroutable_total",
+                "Publishes that matched no queue.",
+                |c| c.unroutable.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "pubsub_messages_delivered_total",
+                "Messages written to subscribers.",
+                |c| c.delivered.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "pubsub_messages_acked_total",
+                "Deliveries settled by ACK.",
+                |c| c.acked.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "pubsub_messages_redelivered_total",
+                "Messages requeued for redelivery.",
+                |c| c.redelivered.load(Ordering::Relaxed) as i64,
+            ),
+            ("pubsub_connections", "Open client connections.", |c| {
+                c.connections.load(Ordering::Relaxed)
+            }),
+            (
+                "pubsub_queue_memory_bytes",
+                "Bytes of messages held in queues.",
+                |c| c.memory.load(Ordering::Relaxed),
+            ),
         ];
         for (name, help, get) in counters {
-            let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for (i, s) in self.shards.iter().enumerate() {
                 let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", get(s));
@@ -105,19 +152,58 @@ impl Metrics {
         }
         let p = &self.persist;
         let persist: [(&str, &str, &str, u64); 7] = [
-            ("pubsub_checkpoints_total", "counter", "Checkpoints committed to the SQL store.", p.checkpoints.load(Ordering::Relaxed)),
-            ("pubsub_checkpoint_records_total", "counter", "Records written by checkpoints.", p.records.load(Ordering::Relaxed)),
-            ("pubsub_checkpoint_batch_size", "gauge", "Records in the last checkpoint.", p.last_batch.load(Ordering::Relaxed)),
-            ("pubsub_checkpoint_batch_size_max", "gauge", "Largest checkpoint so far.", p.max_batch.load(Ordering::Relaxed)),
-            ("pubsub_checkpoint_commit_seconds_total", "counter", "Time spent committing checkpoints.", 0),
-            ("pubsub_checkpoint_commit_seconds_last", "gauge", "Duration of the last commit.", 0),
-            ("pubsub_checkpoint_errors_total", "counter", "Checkpoints that failed.", p.errors.load(Ordering::Relaxed)),
+            (
+                "pubsub_checkpoints_total",
+                "counter",
+                "Checkpoints committed to the SQL store.",
+                p.checkpoints.load(Ordering::Relaxed),
+            ),
+            (
+                "pubsub_checkpoint_records_total",
+                "counter",
+                "Records written by checkpoints.",
+                p.records.load(Ordering::Relaxed),
+            ),
+            (
+                "pubsub_checkpoint_batch_size",
+                "gauge",
+                "Records in the last checkpoint.",
+                p.last_batch.load(Ordering::Relaxed),
+            ),
+            (
+                "pubsub_checkpoint_batch_size_max",
+                "gauge",
+                "Largest checkpoint so far.",
+                p.max_batch.load(Ordering::Relaxed),
+            ),
+            (
+                "pubsub_checkpoint_commit_seconds_total",
+                "counter",
+                "Time spent committing checkpoints.",
+                0,
+            ),
+            (
+                "pubsub_checkpoint_commit_seconds_last",
+                "gauge",
+                "Duration of the last commit.",
+                0,
+            ),
+            (
+                "pubsub_checkpoint_errors_total",
+                "counter",
+                "Checkpoints that failed.",
+                p.errors.load(Ordering::Relaxed),
+            ),
         ];
         for (name, kind, help, v) in persist {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             let value = match name {
-                "pubsub_checkpoint_commit_seconds_total" => p.commit_us_total.load(Ordering::Relaxed) as f64 / 1e6,
-                "pubsub_checkpoint_commit_seconds_last" => p.last_commit_us.load(Ordering::Relaxed) as f64 / 1e6,
+                "pubsub_checkpoint_commit_seconds_total" => {
+                    p.commit_us_total.load(Ordering::Relaxed) as f64 / 1e6
+                }
+                "pubsub_checkpoint_commit_seconds_last" => {
+                    p.last_commit_us.load(Ordering::Relaxed) as f64 / 1e6
+                }
                 _ => v as f64,
             };
             let _ = writeln!(out, "{name} {value}");

@@ -231,7 +231,9 @@ impl QueueState {
     }
 
     fn publish_counts(&self) {
-        self.handle.unacked.store(self.unacked_total, Ordering::Relaxed);
+        self.handle
+            .unacked
+            .store(self.unacked_total, Ordering::Relaxed);
         let active = self.consumers.iter().filter(|c| c.active).count();
         self.handle.consumers.store(active, Ordering::Relaxed);
     }
@@ -242,7 +244,9 @@ impl QueueState {
             let _ = self
                 .handle
                 .depth
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| Some(d.saturating_sub(n)));
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
+                    Some(d.saturating_sub(n))
+                });
         }
     }
 
@@ -260,7 +264,11 @@ impl QueueState {
     }
 
     fn expiry_for(&self, msg: &Message, now: u64) -> Option<u64> {
-        let queue_ttl = self.handle.spec.message_ttl_ms.map(|t| now.saturating_add(t));
+        let queue_ttl = self
+            .handle
+            .spec
+            .message_ttl_ms
+            .map(|t| now.saturating_add(t));
         match (queue_ttl, msg.expires_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -268,7 +276,13 @@ impl QueueState {
     }
 
     /// A message arrives from the inbox. Its depth slot was reserved by the router.
-    pub fn enqueue(&mut self, msg: Arc<Message>, ticket: Option<Ticket>, now: u64, fx: &mut Effects) {
+    pub fn enqueue(
+        &mut self,
+        msg: Arc<Message>,
+        ticket: Option<Ticket>,
+        now: u64,
+        fx: &mut Effects,
+    ) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let expires_at = self.expiry_for(&msg, now);
@@ -287,7 +301,9 @@ impl QueueState {
             redelivered: false,
             expires_at,
         });
-        if let (Some(max), Overflow::DropHead) = (self.handle.spec.max_length, self.handle.spec.overflow) {
+        if let (Some(max), Overflow::DropHead) =
+            (self.handle.spec.max_length, self.handle.spec.overflow)
+        {
             while self.ready.len() as u64 > max {
                 if let Some(e) = self.ready.pop_front() {
                     self.release_depth(1);
@@ -334,7 +350,8 @@ impl QueueState {
     /// True when some ready message can expire (the shard's timer looks at these).
     pub fn may_expire(&self) -> bool {
         !self.ready.is_empty()
-            && (self.handle.spec.message_ttl_ms.is_some() || self.ready.iter().any(|e| e.expires_at.is_some()))
+            && (self.handle.spec.message_ttl_ms.is_some()
+                || self.ready.iter().any(|e| e.expires_at.is_some()))
     }
 
     /// Hands ready messages to consumers with credit, round robin.
@@ -356,14 +373,18 @@ impl QueueState {
                 }
             }
             let Some(idx) = pick else { break 'outer };
-            let Some(e) = self.ready.pop_front() else { break };
+            let Some(e) = self.ready.pop_front() else {
+                break;
+            };
             taken += 1;
             if e.expires_at.is_some_and(|t| t <= now) {
                 self.discard(e, true, fx);
                 continue;
             }
             let durable = self.durable_msg(&e.msg);
-            let Some(c) = self.consumers.get_mut(idx) else { break };
+            let Some(c) = self.consumers.get_mut(idx) else {
+                break;
+            };
             let dseq = c.next_dseq;
             c.next_dseq += 1;
             if durable && !e.redelivered {
@@ -448,7 +469,11 @@ impl QueueState {
     }
 
     fn reap(&mut self, id: ConsumerId) {
-        if let Some(pos) = self.consumers.iter().position(|c| c.id == id && !c.active && c.unacked.live == 0) {
+        if let Some(pos) = self
+            .consumers
+            .iter()
+            .position(|c| c.id == id && !c.active && c.unacked.live == 0)
+        {
             self.consumers.remove(pos);
             if self.rr >= self.consumers.len() {
                 self.rr = 0;
@@ -493,7 +518,14 @@ impl QueueState {
     }
 
     /// `NACK`: back to the queue head (marked redelivered) or dead-lettered / dropped.
-    pub fn nack(&mut self, id: ConsumerId, dseq: u64, through: bool, requeue: bool, fx: &mut Effects) {
+    pub fn nack(
+        &mut self,
+        id: ConsumerId,
+        dseq: u64,
+        through: bool,
+        requeue: bool,
+        fx: &mut Effects,
+    ) {
         let mut done = std::mem::take(&mut self.scratch);
         done.clear();
         if let Some(c) = self.consumer_mut(id) {
@@ -592,13 +624,22 @@ mod tests {
     }
 
     fn cid(sub: u64) -> ConsumerId {
-        ConsumerId { shard: 0, conn: 1, sub }
+        ConsumerId {
+            shard: 0,
+            conn: 1,
+            sub,
+        }
     }
 
     fn bodies(fx: &Effects) -> Vec<(u64, String)> {
         fx.deliveries
             .iter()
-            .map(|(c, d)| (c.sub, String::from_utf8_lossy(&d.entry.msg.body).into_owned()))
+            .map(|(c, d)| {
+                (
+                    c.sub,
+                    String::from_utf8_lossy(&d.entry.msg.body).into_owned(),
+                )
+            })
             .collect()
     }
 
@@ -621,7 +662,10 @@ mod tests {
             push(&mut q, &mut ids, b, &mut fx);
         }
         q.dispatch(0, &mut fx);
-        assert_eq!(bodies(&fx), [(1, "a".into()), (2, "b".into()), (2, "c".into())]);
+        assert_eq!(
+            bodies(&fx),
+            [(1, "a".into()), (2, "b".into()), (2, "c".into())]
+        );
         assert_eq!(q.ready_len(), 2);
         assert_eq!(q.handle().depth.load(Ordering::Relaxed), 2);
         assert_eq!(q.handle().unacked.load(Ordering::Relaxed), 3);
@@ -729,10 +773,16 @@ mod tests {
         assert!(matches!(fx.persist[0], PersistOp::Enqueued { seq: 1, .. }));
         assert!(matches!(fx.persist[2], PersistOp::Delivered { seq: 1 }));
         assert_eq!(q.purge(&mut fx), 1);
-        assert!(matches!(fx.persist.last(), Some(PersistOp::Removed { seq: 2 })));
+        assert!(matches!(
+            fx.persist.last(),
+            Some(PersistOp::Removed { seq: 2 })
+        ));
         assert_eq!(q.handle().unacked.load(Ordering::Relaxed), 1);
         q.ack(cid(1), 1, false, &mut fx);
-        assert!(matches!(fx.persist.last(), Some(PersistOp::Removed { seq: 1 })));
+        assert!(matches!(
+            fx.persist.last(),
+            Some(PersistOp::Removed { seq: 1 })
+        ));
     }
 
     #[test]

@@ -269,7 +269,13 @@ pub struct Exchange {
 }
 
 impl Exchange {
-    fn build(name: Arc<str>, name_json: Bytes, kind: ExchangeKind, durable: bool, bindings: Vec<Binding>) -> Self {
+    fn build(
+        name: Arc<str>,
+        name_json: Bytes,
+        kind: ExchangeKind,
+        durable: bool,
+        bindings: Vec<Binding>,
+    ) -> Self {
         let index = match kind {
             ExchangeKind::Direct => {
                 let mut m: HashMap<Arc<str>, Vec<Arc<QueueHandle>>> = HashMap::new();
@@ -309,7 +315,13 @@ impl Exchange {
     }
 
     fn with_bindings(&self, bindings: Vec<Binding>) -> Self {
-        Self::build(self.name.clone(), self.name_json.clone(), self.kind, self.durable, bindings)
+        Self::build(
+            self.name.clone(),
+            self.name_json.clone(),
+            self.kind,
+            self.durable,
+            bindings,
+        )
     }
 
     /// The queues a message with routing key `key` goes to, each once.
@@ -354,7 +366,9 @@ impl TopologyError {
     /// HTTP status.
     pub fn status(&self) -> u16 {
         match self {
-            TopologyError::NoExchange(_) | TopologyError::NoQueue(_) | TopologyError::NoBinding => 404,
+            TopologyError::NoExchange(_) | TopologyError::NoQueue(_) | TopologyError::NoBinding => {
+                404
+            }
             TopologyError::Conflict(_) => 409,
             TopologyError::Unchanged => 200,
             TopologyError::Locked(_) => 423,
@@ -363,7 +377,9 @@ impl TopologyError {
     /// Contract error code.
     pub fn code(&self) -> &'static str {
         match self {
-            TopologyError::NoExchange(_) | TopologyError::NoQueue(_) | TopologyError::NoBinding => "not_found",
+            TopologyError::NoExchange(_) | TopologyError::NoQueue(_) | TopologyError::NoBinding => {
+                "not_found"
+            }
             TopologyError::Conflict(_) => "conflict",
             TopologyError::Unchanged => "ok",
             TopologyError::Locked(_) => "resource_locked",
@@ -408,7 +424,13 @@ impl Topology {
         let name: Arc<str> = Arc::from(d.name.as_str());
         next.exchanges.insert(
             name.clone(),
-            Arc::new(Exchange::build(name, json_string(&d.name), d.kind, d.durable, Vec::new())),
+            Arc::new(Exchange::build(
+                name,
+                json_string(&d.name),
+                d.kind,
+                d.durable,
+                Vec::new(),
+            )),
         );
         Ok(next)
     }
@@ -432,7 +454,10 @@ impl Topology {
             if x.exclusive.is_some() {
                 return Err(TopologyError::Locked(q.name.to_string()));
             }
-            return Err(TopologyError::Conflict(format!("queue {:?} exists with other settings", &*q.name)));
+            return Err(TopologyError::Conflict(format!(
+                "queue {:?} exists with other settings",
+                &*q.name
+            )));
         }
         let mut next = self.clone();
         next.queues.insert(q.name.clone(), q);
@@ -448,7 +473,12 @@ impl Topology {
             .ok_or_else(|| TopologyError::NoQueue(name.to_owned()))?;
         for x in next.exchanges.values_mut() {
             if x.bindings.iter().any(|b| b.queue.id == old.id) {
-                let kept = x.bindings.iter().filter(|b| b.queue.id != old.id).cloned().collect();
+                let kept = x
+                    .bindings
+                    .iter()
+                    .filter(|b| b.queue.id != old.id)
+                    .cloned()
+                    .collect();
                 *x = Arc::new(x.with_bindings(kept));
             }
         }
@@ -465,7 +495,10 @@ impl Topology {
             .queues
             .get(d.queue.as_str())
             .ok_or_else(|| TopologyError::NoQueue(d.queue.clone()))?;
-        if x.bindings.iter().any(|b| b.queue.id == q.id && *b.key == *d.key) {
+        if x.bindings
+            .iter()
+            .any(|b| b.queue.id == q.id && *b.key == *d.key)
+        {
             return Err(TopologyError::Unchanged);
         }
         let mut bindings = x.bindings.clone();
@@ -474,7 +507,8 @@ impl Topology {
             queue: q.clone(),
         });
         let mut next = self.clone();
-        next.exchanges.insert(x.name.clone(), Arc::new(x.with_bindings(bindings)));
+        next.exchanges
+            .insert(x.name.clone(), Arc::new(x.with_bindings(bindings)));
         Ok(next)
     }
 
@@ -499,7 +533,8 @@ impl Topology {
             return Err(TopologyError::NoBinding);
         }
         let mut next = self.clone();
-        next.exchanges.insert(x.name.clone(), Arc::new(x.with_bindings(kept)));
+        next.exchanges
+            .insert(x.name.clone(), Arc::new(x.with_bindings(kept)));
         Ok(next)
     }
 }
@@ -510,16 +545,26 @@ mod tests {
 
     fn topo_with(kind: ExchangeKind, binds: &[(&str, &str)]) -> Topology {
         let mut t = Topology::default()
-            .declare_exchange(&ExchangeDecl { name: "x".into(), kind, durable: false })
+            .declare_exchange(&ExchangeDecl {
+                name: "x".into(),
+                kind,
+                durable: false,
+            })
             .unwrap();
         for (q, _) in binds {
             if t.queue(q).is_none() {
-                t = t.declare_queue(Arc::new(QueueHandle::new(q, QueueSpec::default(), 0, None))).unwrap();
+                t = t
+                    .declare_queue(Arc::new(QueueHandle::new(q, QueueSpec::default(), 0, None)))
+                    .unwrap();
             }
         }
         for (q, k) in binds {
             t = t
-                .bind(&BindingDecl { exchange: "x".into(), queue: (*q).into(), key: (*k).into() })
+                .bind(&BindingDecl {
+                    exchange: "x".into(),
+                    queue: (*q).into(),
+                    key: (*k).into(),
+                })
                 .unwrap();
         }
         t
@@ -527,7 +572,10 @@ mod tests {
 
     fn routed(t: &Topology, key: &str) -> Vec<String> {
         let mut v = Vec::new();
-        t.exchange("x").unwrap().route(key).for_each(|q| v.push(q.name.to_string()));
+        t.exchange("x")
+            .unwrap()
+            .route(key)
+            .for_each(|q| v.push(q.name.to_string()));
         v.sort();
         v
     }
@@ -536,7 +584,14 @@ mod tests {
     fn topic_matching() {
         let t = topo_with(
             ExchangeKind::Topic,
-            &[("star", "a.*.c"), ("hash", "a.#"), ("all", "#"), ("exact", "a.b.c"), ("mid", "a.#.c"), ("one", "*")],
+            &[
+                ("star", "a.*.c"),
+                ("hash", "a.#"),
+                ("all", "#"),
+                ("exact", "a.b.c"),
+                ("mid", "a.#.c"),
+                ("one", "*"),
+            ],
         );
         assert_eq!(routed(&t, "a.b.c"), ["all", "exact", "hash", "mid", "star"]);
         assert_eq!(routed(&t, "a"), ["all", "hash", "one"]);
@@ -549,33 +604,65 @@ mod tests {
 
     #[test]
     fn topic_dedups_a_queue_bound_twice() {
-        let t = topo_with(ExchangeKind::Topic, &[("q", "a.*"), ("q", "#"), ("q", "a.b")]);
+        let t = topo_with(
+            ExchangeKind::Topic,
+            &[("q", "a.*"), ("q", "#"), ("q", "a.b")],
+        );
         assert_eq!(routed(&t, "a.b"), ["q"]);
     }
 
     #[test]
     fn direct_and_fanout() {
-        let t = topo_with(ExchangeKind::Direct, &[("q1", "k"), ("q2", "k"), ("q3", "other"), ("q1", "K")]);
+        let t = topo_with(
+            ExchangeKind::Direct,
+            &[("q1", "k"), ("q2", "k"), ("q3", "other"), ("q1", "K")],
+        );
         assert_eq!(routed(&t, "k"), ["q1", "q2"]);
         assert_eq!(routed(&t, "K"), ["q1"]);
         assert!(routed(&t, "none").is_empty());
-        let t = topo_with(ExchangeKind::Fanout, &[("q1", "a"), ("q2", "b"), ("q1", "c")]);
+        let t = topo_with(
+            ExchangeKind::Fanout,
+            &[("q1", "a"), ("q2", "b"), ("q1", "c")],
+        );
         assert_eq!(routed(&t, "whatever"), ["q1", "q2"]);
     }
 
     #[test]
     fn declare_rules() {
         let t = topo_with(ExchangeKind::Direct, &[("q", "k")]);
-        let same = ExchangeDecl { name: "x".into(), kind: ExchangeKind::Direct, durable: false };
-        assert_eq!(t.declare_exchange(&same).unwrap_err(), TopologyError::Unchanged);
-        let other = ExchangeDecl { name: "x".into(), kind: ExchangeKind::Topic, durable: false };
+        let same = ExchangeDecl {
+            name: "x".into(),
+            kind: ExchangeKind::Direct,
+            durable: false,
+        };
+        assert_eq!(
+            t.declare_exchange(&same).unwrap_err(),
+            TopologyError::Unchanged
+        );
+        let other = ExchangeDecl {
+            name: "x".into(),
+            kind: ExchangeKind::Topic,
+            durable: false,
+        };
         assert_eq!(t.declare_exchange(&other).unwrap_err().status(), 409);
-        let b = BindingDecl { exchange: "x".into(), queue: "q".into(), key: "k".into() };
+        let b = BindingDecl {
+            exchange: "x".into(),
+            queue: "q".into(),
+            key: "k".into(),
+        };
         assert_eq!(t.bind(&b).unwrap_err(), TopologyError::Unchanged);
         let (t2, _) = t.delete_queue("q").unwrap();
         assert!(t2.exchange("x").unwrap().bindings.is_empty());
         assert_eq!(t2.bind(&b).unwrap_err().status(), 404);
-        assert_eq!(t.unbind(&BindingDecl { key: "zz".into(), ..b.clone() }).unwrap_err().status(), 404);
+        assert_eq!(
+            t.unbind(&BindingDecl {
+                key: "zz".into(),
+                ..b.clone()
+            })
+            .unwrap_err()
+            .status(),
+            404
+        );
         let t3 = t.unbind(&b).unwrap();
         assert!(routed(&t3, "k").is_empty());
     }

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pubsub::persist::{
-    open, Backend, Checkpointer, PersistError, QueueArgs, Record, Recovered, RecoveredMessage,
-    StoredMessage, Ticket, SCHEMA_VERSION,
+    commit_isolating, open, Backend, Checkpointer, PersistError, QueueArgs, Record, Recovered,
+    RecoveredMessage, StoredMessage, Ticket, SCHEMA_VERSION,
 };
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -296,6 +296,74 @@ fn checkpointer_into_store(backend: &Backend) {
     assert_eq!(got, [(1, false), (3, true), (4, false)]);
 }
 
+/// Keys may hold any character, NUL included (PostgreSQL TEXT could not).
+fn odd_keys_round_trip(backend: &Backend) {
+    let key = "a\u{0}b.\u{e9}.#";
+    let routing_key = "\u{0}x\u{1}";
+    let q: Arc<str> = "orders".into();
+    let mut m = msg("m1", BODY1, None);
+    m.routing_key = routing_key.into();
+    let mut batch = topology();
+    batch.push(Record::Bound {
+        exchange: "orders.x".into(),
+        queue: "orders".into(),
+        key: key.into(),
+    });
+    batch.push(Record::enqueued(q.clone(), 1, m.clone()));
+    open(backend).unwrap().commit(&batch).unwrap();
+    let rec = open(backend).unwrap().load().unwrap();
+    assert!(
+        rec.bindings.iter().any(|b| b.2 == key),
+        "{:?}",
+        rec.bindings
+    );
+    assert_eq!(rec.messages[0].1[0].msg, m);
+    // And unbinding by that key finds it.
+    let mut store = open(backend).unwrap();
+    store
+        .commit(&[Record::Unbound {
+            exchange: "orders.x".into(),
+            queue: "orders".into(),
+            key: key.into(),
+        }])
+        .unwrap();
+    assert_eq!(store.load().unwrap().bindings.len(), 1);
+}
+
+/// A record the database refuses is isolated and skipped; the rest is written in order.
+fn poison_record_is_isolated(backend: &Backend) {
+    let mut store = open(backend).unwrap();
+    let q: Arc<str> = "orders".into();
+    let mut batch = topology();
+    let first = batch.len();
+    for seq in [1, u64::MAX, 2, 3] {
+        batch.push(Record::enqueued(
+            q.clone(),
+            seq,
+            msg(&format!("m{seq}"), b"{}", None),
+        ));
+    }
+    batch.push(Record::Removed {
+        queue: q.clone(),
+        seq: 3,
+    });
+    let err = store.commit(&batch).unwrap_err();
+    assert!(!err.is_connection_lost(), "{err:?}");
+    assert_eq!(
+        store.load().unwrap(),
+        Recovered::default(),
+        "the failed batch left nothing"
+    );
+    let skipped = commit_isolating(store.as_mut(), &batch).unwrap();
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert_eq!(skipped[0].0, first + 1);
+    assert!(matches!(skipped[0].1, PersistError::OutOfRange(_)));
+    let rec = store.load().unwrap();
+    assert_eq!(rec.queues.len(), 2);
+    let seqs: Vec<u64> = rec.messages[0].1.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, [1, 2]);
+}
+
 fn order_across_batches_and_queues(backend: &Backend) {
     let mut store = open(backend).unwrap();
     let mut batch = vec![
@@ -483,6 +551,21 @@ fn throughput(backend: &Backend, label: &str) {
         commit_times[commit_times.len() - 1].as_secs_f64() * 1e3,
     );
     assert_eq!(store.load().unwrap().message_count(), TOTAL as usize);
+
+    // The floor under every checkpoint: one tiny transaction (fsync on SQLite, a round trip
+    // plus the server's WAL flush on PostgreSQL).
+    const SMALL: u64 = 20;
+    let mut small = Vec::new();
+    for seq in TOTAL..TOTAL + SMALL {
+        let rec = Record::enqueued(q.clone(), seq, msg("one", b"{}", None));
+        small.push(store.commit(&[rec]).unwrap().elapsed);
+    }
+    small.sort();
+    println!(
+        "THROUGHPUT {label}: single-record commit p50 {:.2} ms, max {:.2} ms",
+        small[small.len() / 2].as_secs_f64() * 1e3,
+        small[small.len() - 1].as_secs_f64() * 1e3,
+    );
 }
 
 // ---------------------------------------------------------------- SQLite
@@ -505,6 +588,18 @@ fn sqlite_restart_round_trip() {
 fn sqlite_checkpointer_into_store() {
     let dir = TempDir::new("cp");
     checkpointer_into_store(&dir.backend());
+}
+
+#[test]
+fn sqlite_odd_keys_round_trip() {
+    let dir = TempDir::new("keys");
+    odd_keys_round_trip(&dir.backend());
+}
+
+#[test]
+fn sqlite_poison_record_is_isolated() {
+    let dir = TempDir::new("poison");
+    poison_record_is_isolated(&dir.backend());
 }
 
 #[test]
@@ -542,6 +637,18 @@ fn sqlite_uses_wal_and_full_sync() {
         .query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))
         .unwrap();
     assert_eq!(version, SCHEMA_VERSION);
+}
+
+#[test]
+fn sqlite_second_store_on_same_dir_is_locked_out() {
+    let dir = TempDir::new("lock");
+    let backend = dir.backend();
+    let first = open(&backend).unwrap();
+    let err = open(&backend).err().expect("second open must fail");
+    assert!(matches!(err, PersistError::Locked { .. }), "{err:?}");
+    assert!(err.to_string().contains("another pubsub"), "{err}");
+    drop(first);
+    open(&backend).unwrap().ping().unwrap();
 }
 
 #[test]
@@ -614,6 +721,22 @@ fn pg_restart_round_trip() {
 fn pg_checkpointer_into_store() {
     let Some(s) = PgSchema::new("cp") else { return };
     checkpointer_into_store(&s.backend());
+}
+
+#[test]
+fn pg_odd_keys_round_trip() {
+    let Some(s) = PgSchema::new("keys") else {
+        return;
+    };
+    odd_keys_round_trip(&s.backend());
+}
+
+#[test]
+fn pg_poison_record_is_isolated() {
+    let Some(s) = PgSchema::new("poison") else {
+        return;
+    };
+    poison_record_is_isolated(&s.backend());
 }
 
 #[test]
@@ -757,4 +880,116 @@ fn pg_throughput() {
         return;
     };
     throughput(&s.backend(), "postgres");
+}
+
+// ---------------------------------------------------------------- kill -9 (both backends)
+
+/// Environment variable that turns `crash_child_helper` into the child of a crash test: it
+/// holds the `--database` value ("" for SQLite) and `CRASH_DATA_DIR` the data dir.
+const CRASH_DB_ENV: &str = "PUBSUB_PERSIST_CRASH_DB";
+const CRASH_DIR_ENV: &str = "PUBSUB_PERSIST_CRASH_DIR";
+const CRASH_BATCH: u64 = 50;
+
+fn crash_seqs(batch_no: u64) -> std::ops::RangeInclusive<u64> {
+    (batch_no - 1) * CRASH_BATCH + 1..=batch_no * CRASH_BATCH
+}
+
+/// Not a test on its own: the child process of the kill -9 tests (run with `--ignored`). It
+/// commits batch after batch and prints `ok N` after each commit returned.
+#[test]
+#[ignore = "child process of the kill -9 tests"]
+fn crash_child_helper() {
+    use std::io::Write;
+    let db = std::env::var(CRASH_DB_ENV).expect("run by the kill -9 tests only");
+    let dir = PathBuf::from(std::env::var(CRASH_DIR_ENV).unwrap());
+    let backend = Backend::from_config(&dir, Some(db.as_str()).filter(|d| !d.is_empty())).unwrap();
+    let mut store = open(&backend).unwrap();
+    store
+        .commit(&[Record::QueueDeclared {
+            name: "crash".into(),
+            args: QueueArgs::default(),
+        }])
+        .unwrap();
+    let q: Arc<str> = "crash".into();
+    let mut out = std::io::stdout().lock();
+    for batch_no in 1.. {
+        let batch: Vec<Record> = crash_seqs(batch_no)
+            .map(|seq| Record::enqueued(q.clone(), seq, msg(&format!("c{seq}"), BODY2, None)))
+            .collect();
+        store.commit(&batch).unwrap();
+        writeln!(out, "ok {batch_no}").unwrap();
+        out.flush().unwrap();
+    }
+}
+
+/// Runs the child, SIGKILLs it after some commits, reopens and checks that every batch whose
+/// commit returned is there, and that batches are all or nothing.
+fn kill_9_loses_no_committed_batch(backend: &Backend, dir: &Path, db: &str) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "crash_child_helper",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(CRASH_DB_ENV, db)
+        .env(CRASH_DIR_ENV, dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut last_ok = 0u64;
+    while last_ok < 30 {
+        let line = lines.next().expect("child ended early").unwrap();
+        if let Some(n) = line.strip_prefix("ok ") {
+            last_ok = n.parse().unwrap();
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    for line in lines {
+        if let Some(n) = line.unwrap().strip_prefix("ok ") {
+            last_ok = n.parse().unwrap();
+        }
+    }
+    let rec = open(backend).unwrap().load().unwrap();
+    let seqs: Vec<u64> = rec
+        .messages
+        .iter()
+        .find(|(q, _)| q == "crash")
+        .map(|(_, m)| m.iter().map(|m| m.seq).collect())
+        .unwrap_or_default();
+    let batches = seqs.len() as u64 / CRASH_BATCH;
+    assert_eq!(
+        seqs.len() as u64 % CRASH_BATCH,
+        0,
+        "a batch was half written"
+    );
+    assert!(
+        batches == last_ok || batches == last_ok + 1,
+        "{last_ok} commits returned, {batches} batches on disk"
+    );
+    assert!(
+        seqs.iter().copied().eq(1..=batches * CRASH_BATCH),
+        "gaps or disorder"
+    );
+    println!("kill -9 after {last_ok} confirmed commits: {batches} batches recovered");
+}
+
+#[test]
+fn sqlite_kill_9_loses_no_committed_batch() {
+    let dir = TempDir::new("kill9");
+    let data = dir.0.join("data");
+    kill_9_loses_no_committed_batch(&dir.backend(), &data, "");
+}
+
+#[test]
+fn pg_kill_9_loses_no_committed_batch() {
+    let Some(s) = PgSchema::new("kill9") else {
+        return;
+    };
+    kill_9_loses_no_committed_batch(&s.backend(), Path::new("/nonexistent"), &s.url());
 }

@@ -19,7 +19,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
+use glommio::channels::shared_channel::{
+    ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
+};
 use glommio::{LocalExecutorBuilder, Placement};
 
 use super::{Checkpointer, Record, Store, Ticket};
@@ -83,7 +85,11 @@ struct Core {
 /// Starts the persistence core on its own thread. It runs until the process exits;
 /// after `shared.stopping` is set it commits a final checkpoint and sets
 /// `shared.flushed`.
-pub fn spawn(shared: Arc<Shared>, store: Box<dyn Store>, ends: Vec<CoreEnds>) -> std::io::Result<()> {
+pub fn spawn(
+    shared: Arc<Shared>,
+    store: Box<dyn Store>,
+    ends: Vec<CoreEnds>,
+) -> std::io::Result<()> {
     LocalExecutorBuilder::new(Placement::Unbound)
         .name("persist")
         .io_memory(crate::shard::IO_MEMORY)
@@ -112,7 +118,9 @@ async fn core_main(shared: Arc<Shared>, store: Box<dyn Store>, ends: Vec<CoreEnd
         })
         .detach();
         let (ring, notify, bell) = e.to_shard;
-        pending.push(glommio::spawn_local(async move { (i, ring, notify, bell.connect().await) }));
+        pending.push(glommio::spawn_local(async move {
+            (i, ring, notify, bell.connect().await)
+        }));
     }
     for p in pending {
         let (i, ring, notify, bell) = p.await;
@@ -128,7 +136,12 @@ async fn core_main(shared: Arc<Shared>, store: Box<dyn Store>, ends: Vec<CoreEnd
 }
 
 /// Drains one shard's ring into the checkpointer.
-async fn intake(core: Rc<Core>, mut ring: spsc::Consumer<PersistMsg>, notify: Arc<Notify>, bell: ConnectedReceiver<u8>) {
+async fn intake(
+    core: Rc<Core>,
+    mut ring: spsc::Consumer<PersistMsg>,
+    notify: Arc<Notify>,
+    bell: ConnectedReceiver<u8>,
+) {
     loop {
         let mut got = false;
         while let Some(m) = ring.pop() {
@@ -157,7 +170,9 @@ impl Core {
     fn answer(&self, t: Ticket, ok: bool) {
         let t = decode(t);
         let out = self.out.borrow();
-        let Some(Some(o)) = out.get(t.shard) else { return };
+        let Some(Some(o)) = out.get(t.shard) else {
+            return;
+        };
         let mut msg = ShardMsg::Confirmed { token: t.token, ok };
         loop {
             match o.ring.borrow_mut().push(msg) {
@@ -190,7 +205,8 @@ impl Core {
                 m.checkpoints.fetch_add(1, Ordering::Relaxed);
                 m.records.fetch_add(stats.records as u64, Ordering::Relaxed);
                 m.last_batch.store(stats.records as u64, Ordering::Relaxed);
-                m.max_batch.fetch_max(stats.records as u64, Ordering::Relaxed);
+                m.max_batch
+                    .fetch_max(stats.records as u64, Ordering::Relaxed);
                 m.commit_us_total.fetch_add(us, Ordering::Relaxed);
                 m.last_commit_us.store(us, Ordering::Relaxed);
                 for t in batch.tickets {
@@ -200,15 +216,34 @@ impl Core {
             }
             Err(e) => {
                 m.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, records = batch.records.len(), "checkpoint failed; confirms answered with an error, records kept for retry");
+                tracing::error!(error = %e, records = batch.records.len(), "checkpoint failed; its confirms are answered with an error");
                 for t in batch.tickets {
                     self.answer(t, false);
                 }
-                self.cp.borrow_mut().restore(batch.records);
-                if self.first_pending.get().is_none() {
-                    self.first_pending.set(Some(Instant::now()));
+                if e.is_connection_lost() {
+                    // Keep the records; they are written once the database is back.
+                    self.cp.borrow_mut().restore(batch.records);
+                    if self.first_pending.get().is_none() {
+                        self.first_pending.set(Some(Instant::now()));
+                    }
+                    return false;
                 }
-                false
+                // Some record can never be written: write the others, skip the bad ones.
+                let isolated =
+                    super::commit_isolating(&mut **self.store.borrow_mut(), &batch.records);
+                match isolated {
+                    Ok(skipped) => {
+                        for (i, err) in skipped {
+                            tracing::error!(record = i, error = %err, "record skipped: it cannot be written");
+                        }
+                        true
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "checkpoint retry failed; records kept");
+                        self.cp.borrow_mut().restore(batch.records);
+                        false
+                    }
+                }
             }
         }
     }
@@ -232,7 +267,7 @@ async fn committer(core: Rc<Core>) {
         if empty {
             // Idle: wait for records, waking now and then to see the stop flag.
             let wait = core.signal.wait();
-            let _ = futures_lite::future::or(async { wait.await }, async {
+            let _ = futures_lite::future::or(wait, async {
                 glommio::timer::sleep(IDLE_POLL).await;
             })
             .await;
@@ -240,7 +275,11 @@ async fn committer(core: Rc<Core>) {
         }
         if tickets == 0 {
             // Nobody waits: gather for up to the checkpoint interval.
-            let since = core.first_pending.get().map(|t| t.elapsed()).unwrap_or_default();
+            let since = core
+                .first_pending
+                .get()
+                .map(|t| t.elapsed())
+                .unwrap_or_default();
             if since < interval && !core.cp.borrow().is_over_limit() {
                 glommio::timer::sleep(interval - since).await;
                 continue;

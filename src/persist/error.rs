@@ -20,6 +20,15 @@ pub enum PersistError {
         #[source]
         source: std::io::Error,
     },
+    /// Another process (or another store in this one) holds the SQLite database.
+    #[error(
+        "{} is locked: another pubsub is using this data directory",
+        .path.display()
+    )]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
     /// The database server could not be reached or refused the connection.
     #[error("cannot connect to {target}: {reason}")]
     Connect {
@@ -70,6 +79,7 @@ impl PersistError {
             PersistError::Postgres(e) => pg_connection_lost(e),
             PersistError::Sqlite(e) => sqlite_connection_lost(e),
             PersistError::SchemaVersion { .. }
+            | PersistError::Locked { .. }
             | PersistError::Config(_)
             | PersistError::OutOfRange(_) => false,
         }

@@ -2,7 +2,8 @@
 //!
 //! Each migration is one SQL script written in the subset SQLite and PostgreSQL share; the only
 //! dialect difference, the binary column type, is the `{blob}` placeholder (`BLOB` in SQLite,
-//! `BYTEA` in PostgreSQL). The `schema_version` table records every applied version. A database
+//! `BYTEA` in PostgreSQL). Routing and binding keys are binary too: the protocol puts no limit
+//! on their characters, and PostgreSQL `TEXT` cannot hold a NUL. The `schema_version` table records every applied version. A database
 //! whose highest version is newer than [`SCHEMA_VERSION`] is refused with
 //! [`PersistError::SchemaVersion`]: an old binary must not write into a schema it does not know.
 //! The schema itself is documented in `docs/persistence.md`.
@@ -50,7 +51,7 @@ CREATE TABLE queues (
 CREATE TABLE bindings (
     exchange TEXT NOT NULL,
     queue TEXT NOT NULL,
-    key TEXT NOT NULL,
+    key {blob} NOT NULL,
     PRIMARY KEY (exchange, queue, key)
 );
 CREATE INDEX bindings_by_queue ON bindings (queue);
@@ -59,7 +60,7 @@ CREATE TABLE messages (
     seq BIGINT NOT NULL,
     id TEXT NOT NULL,
     exchange TEXT NOT NULL,
-    routing_key TEXT NOT NULL,
+    routing_key {blob} NOT NULL,
     body {blob} NOT NULL,
     headers {blob},
     published_at BIGINT NOT NULL,

@@ -11,8 +11,10 @@
 //!    [`Checkpointer::push`]es them, and every checkpoint interval it calls
 //!    [`Checkpointer::take_batch`], [`Store::commit`]s the coalesced records in one
 //!    transaction and answers the batch's tickets.
-//! 3. On a commit error it answers those tickets with an error, gives the records back with
-//!    [`Checkpointer::restore`], and retries after [`Store::ping`] succeeds.
+//! 3. On a commit error it answers those tickets with an error. If
+//!    [`PersistError::is_connection_lost`], it gives the records back with
+//!    [`Checkpointer::restore`] and retries after [`Store::ping`] succeeds; otherwise some
+//!    record can never be written and [`commit_isolating`] writes all the others.
 //!
 //! `docs/persistence.md` has the schema, the design and the failure behaviour.
 
@@ -31,4 +33,4 @@ pub use migrations::{Migration, MIGRATIONS, SCHEMA_VERSION};
 pub use postgres::PgStore;
 pub use record::{CommitStats, QueueArgs, Record, Recovered, RecoveredMessage, StoredMessage};
 pub use sqlite::SqliteStore;
-pub use store::{open, Backend, Store, SQLITE_FILE_NAME};
+pub use store::{commit_isolating, open, Backend, Store, SQLITE_FILE_NAME};

@@ -19,7 +19,7 @@ use super::error::{chain, PersistError};
 use super::migrations::{self, Dialect};
 use super::record::{CommitStats, QueueArgs, Record, Recovered, RecoveredMessage, StoredMessage};
 use super::sqlite::now_ms;
-use super::store::{assemble, redact_url, sql, to_i64, to_u64, Store};
+use super::store::{assemble, redact_url, sql, to_i64, to_u64, utf8, Store};
 
 /// Connection timeout used when the URL does not set `connect_timeout`.
 pub const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -35,7 +35,7 @@ const MIGRATION_LOCK_KEY: i64 = 0x7075_6273_7562; // "pubsub"
 
 const BULK_INSERT: &str = "INSERT INTO messages \
      (queue, seq, id, exchange, routing_key, body, headers, published_at, expires_at, delivered) \
-     SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], \
+     SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::bytea[], \
      $6::bytea[], $7::bytea[], $8::int8[], $9::int8[], $10::bool[]) \
      ON CONFLICT (queue, seq) DO NOTHING";
 const BULK_DELIVERED: &str = "UPDATE messages AS m SET delivered = TRUE \
@@ -145,7 +145,7 @@ struct Bulk<'a> {
     seq: Vec<i64>,
     id: Vec<&'a str>,
     exchange: Vec<&'a str>,
-    routing_key: Vec<&'a str>,
+    routing_key: Vec<&'a [u8]>,
     body: Vec<&'a [u8]>,
     headers: Vec<Option<&'a [u8]>>,
     published_at: Vec<i64>,
@@ -170,7 +170,7 @@ impl<'a> Bulk<'a> {
         self.seq.push(to_i64(seq, "seq")?);
         self.id.push(&msg.id);
         self.exchange.push(&msg.exchange);
-        self.routing_key.push(&msg.routing_key);
+        self.routing_key.push(msg.routing_key.as_bytes());
         self.body.push(&msg.body);
         self.headers.push(msg.headers.as_deref());
         self.published_at
@@ -260,12 +260,12 @@ fn apply_topology(tx: &mut Transaction<'_>, rec: &Record) -> Result<u64, Persist
             exchange,
             queue,
             key,
-        } => tx.execute(sql::INSERT_BINDING, &[exchange, queue, key])?,
+        } => tx.execute(sql::INSERT_BINDING, &[exchange, queue, &key.as_bytes()])?,
         Record::Unbound {
             exchange,
             queue,
             key,
-        } => tx.execute(sql::DELETE_BINDING, &[exchange, queue, key])?,
+        } => tx.execute(sql::DELETE_BINDING, &[exchange, queue, &key.as_bytes()])?,
         // Message records go through `Bulk`.
         Record::Enqueued { .. } | Record::Delivered { .. } | Record::Removed { .. } => 0,
     };
@@ -297,7 +297,11 @@ impl Store for PgStore {
         }
         let mut bindings = Vec::new();
         for r in tx.query(sql::SELECT_BINDINGS, &[])? {
-            bindings.push((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?));
+            bindings.push((
+                r.try_get(0)?,
+                r.try_get(1)?,
+                utf8(r.try_get(2)?, "binding key")?,
+            ));
         }
         let mut messages = Vec::new();
         for r in tx.query(sql::SELECT_MESSAGES, &[])? {
@@ -307,7 +311,7 @@ impl Store for PgStore {
             let msg = StoredMessage {
                 id: r.try_get(2)?,
                 exchange: r.try_get(3)?,
-                routing_key: r.try_get(4)?,
+                routing_key: utf8(r.try_get(4)?, "routing key")?,
                 body: body.into(),
                 headers: headers.map(Into::into),
                 published_at_ms: to_u64(r.try_get(7)?, "published_at")?,

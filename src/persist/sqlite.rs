@@ -3,8 +3,13 @@
 //! `synchronous=FULL` makes every commit fsync the write-ahead log, so a committed checkpoint
 //! survives power loss: that is what lets the persistence thread answer confirms after
 //! [`Store::commit`]. Statements go through rusqlite's prepared-statement cache; each commit is
-//! one `BEGIN IMMEDIATE` transaction.
+//! one `BEGIN IMMEDIATE` transaction. An exclusive `flock` on `pubsub.lock` next to the file
+//! keeps a second server off the same data directory (the kernel drops it when the process
+//! dies, even by `kill -9`).
 
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -13,7 +18,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use super::error::{chain, PersistError};
 use super::migrations::{self, Dialect};
 use super::record::{CommitStats, QueueArgs, Record, Recovered, RecoveredMessage, StoredMessage};
-use super::store::{assemble, ensure_writable_dir, sql, to_i64, to_u64, Store};
+use super::store::{assemble, ensure_writable_dir, sql, to_i64, to_u64, utf8, Store};
 
 /// How long a statement waits for a lock held by another connection (a second process on
 /// the same file) before failing with `SQLITE_BUSY`.
@@ -26,6 +31,8 @@ pub const SQLITE_STATEMENT_CACHE: usize = 32;
 pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
+    /// Holds the exclusive lock for as long as the store lives.
+    _lock: File,
 }
 
 impl SqliteStore {
@@ -35,6 +42,17 @@ impl SqliteStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             ensure_writable_dir(dir)?;
         }
+        // SQLite silently opens a read-only file read-only; fail early and clearly instead.
+        if path.exists() {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .map_err(|source| PersistError::Unwritable {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+        }
+        let lock = lock_exclusive(path)?;
         let conn = Connection::open(path).map_err(|e| PersistError::Unwritable {
             path: path.to_path_buf(),
             source: std::io::Error::other(chain(&e)),
@@ -42,6 +60,7 @@ impl SqliteStore {
         let mut store = SqliteStore {
             conn,
             path: path.to_path_buf(),
+            _lock: lock,
         };
         store.configure()?;
         store.migrate()?;
@@ -89,6 +108,35 @@ impl SqliteStore {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// Takes the exclusive lock `<db file stem>.lock` next to the database, writing our pid
+/// into it for whoever finds it.
+fn lock_exclusive(db_path: &Path) -> Result<File, PersistError> {
+    let lock_path = db_path.with_extension("lock");
+    let unwritable = |source| PersistError::Unwritable {
+        path: lock_path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&lock_path)
+        .map_err(unwritable)?;
+    // SAFETY: `file` owns an open descriptor for the whole call; flock takes no pointers.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(PersistError::Locked { path: lock_path });
+        }
+        return Err(PersistError::Io(err));
+    }
+    file.set_len(0).map_err(unwritable)?;
+    writeln!(file, "{}", std::process::id()).map_err(unwritable)?;
+    Ok(file)
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).
@@ -139,16 +187,20 @@ fn apply(tx: &rusqlite::Transaction<'_>, rec: &Record) -> Result<usize, PersistE
             exchange,
             queue,
             key,
-        } => tx
-            .prepare_cached(sql::INSERT_BINDING)?
-            .execute(params![exchange, queue, key])?,
+        } => tx.prepare_cached(sql::INSERT_BINDING)?.execute(params![
+            exchange,
+            queue,
+            key.as_bytes()
+        ])?,
         Record::Unbound {
             exchange,
             queue,
             key,
-        } => tx
-            .prepare_cached(sql::DELETE_BINDING)?
-            .execute(params![exchange, queue, key])?,
+        } => tx.prepare_cached(sql::DELETE_BINDING)?.execute(params![
+            exchange,
+            queue,
+            key.as_bytes()
+        ])?,
         Record::Enqueued {
             queue,
             seq,
@@ -159,7 +211,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, rec: &Record) -> Result<usize, PersistE
             to_i64(*seq, "seq")?,
             msg.id,
             msg.exchange,
-            msg.routing_key,
+            msg.routing_key.as_bytes(),
             &msg.body[..],
             msg.headers.as_deref(),
             to_i64(msg.published_at_ms, "published_at_ms")?,
@@ -202,8 +254,12 @@ impl Store for SqliteStore {
         };
         let bindings = {
             let mut st = tx.prepare(sql::SELECT_BINDINGS)?;
-            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-            rows.collect::<Result<Vec<(String, String, String)>, _>>()?
+            let mut rows = st.query([])?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next()? {
+                out.push((r.get(0)?, r.get(1)?, utf8(r.get(2)?, "binding key")?));
+            }
+            out
         };
         let messages = {
             let mut st = tx.prepare(sql::SELECT_MESSAGES)?;
@@ -216,7 +272,7 @@ impl Store for SqliteStore {
                 let msg = StoredMessage {
                     id: r.get(2)?,
                     exchange: r.get(3)?,
-                    routing_key: r.get(4)?,
+                    routing_key: utf8(r.get(4)?, "routing key")?,
                     body: body.into(),
                     headers: headers.map(Into::into),
                     published_at_ms: to_u64(r.get(7)?, "published_at")?,

@@ -110,6 +110,50 @@ pub fn open(backend: &Backend) -> Result<Box<dyn Store>, PersistError> {
     }
 }
 
+/// The degraded path after [`Store::commit`] failed with an error that is *not*
+/// [`PersistError::is_connection_lost`]: some record of the batch can never be written (a value
+/// out of range, a bug). Writes the batch in order, bisecting failing halves into smaller
+/// transactions until the refused records stand alone, and skips those. Returns the indices
+/// (into `batch`) of the skipped records with their errors, in order.
+///
+/// A connection-lost error stops it with `Err`; whatever it committed before stays committed,
+/// and replaying the whole batch later is harmless (inserts of existing messages are skipped,
+/// everything else is idempotent). A batch of `n` records with `k` bad ones costs about
+/// `2 k log2 n` transactions.
+pub fn commit_isolating(
+    store: &mut dyn Store,
+    batch: &[Record],
+) -> Result<Vec<(usize, PersistError)>, PersistError> {
+    let mut skipped = Vec::new();
+    bisect(store, batch, 0, &mut skipped)?;
+    Ok(skipped)
+}
+
+fn bisect(
+    store: &mut dyn Store,
+    batch: &[Record],
+    base: usize,
+    skipped: &mut Vec<(usize, PersistError)>,
+) -> Result<(), PersistError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    match store.commit(batch) {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_connection_lost() => Err(e),
+        Err(e) if batch.len() == 1 => {
+            skipped.push((base, e));
+            Ok(())
+        }
+        Err(_) => {
+            let mid = batch.len() / 2;
+            let (left, right) = batch.split_at(mid);
+            bisect(store, left, base, skipped)?;
+            bisect(store, right, base + mid, skipped)
+        }
+    }
+}
+
 /// Name of the probe file written to check a data directory.
 const WRITE_PROBE: &str = ".pubsub-write-probe";
 
@@ -181,6 +225,12 @@ pub(crate) fn redact_url(url: &str) -> String {
         },
         None => url.to_owned(),
     }
+}
+
+/// A binary key column back to a `String`.
+pub(crate) fn utf8(bytes: Vec<u8>, what: &str) -> Result<String, PersistError> {
+    String::from_utf8(bytes)
+        .map_err(|e| PersistError::OutOfRange(format!("{what} is not UTF-8: {e}")))
 }
 
 /// `u64` to a BIGINT column.

@@ -41,6 +41,9 @@ const WRITE_HIGH_WATER: usize = 1024 * 1024;
 /// Room for the JSON around a payload in a request body or frame.
 const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
 
+/// How long a connection waits before looking again at a backed-up shard.
+const CONGESTION_PAUSE: std::time::Duration = std::time::Duration::from_micros(200);
+
 const CONSOLE_HTML: &str = include_str!("console.html");
 
 enum Proto {
@@ -74,13 +77,16 @@ struct WsState {
     /// Auto-ack deliveries in the write buffer: (end offset in bytes ever buffered, sub, queue, home).
     marks: VecDeque<(u64, u64, u64, usize)>,
     closing: bool,
+    /// When the server pinged an idle client (ms since the epoch), if it did.
+    pinged_at: Option<u64>,
 }
 
 /// Serves one accepted connection until it closes.
 pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let (id, inbox) = shard.register_conn();
-    let over_limit = shard.shared.metrics.connections() > shard.shared.config.max_connections as i64;
+    let over_limit =
+        shard.shared.metrics.connections() > shard.shared.config.max_connections as i64;
     let mut c = Conn {
         shard: shard.clone(),
         stream,
@@ -95,7 +101,12 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         shard_header: shard.id.to_string(),
     };
     if over_limit {
-        c.http_error(503, "too_many_connections", "connection limit reached", false);
+        c.http_error(
+            503,
+            "too_many_connections",
+            "connection limit reached",
+            false,
+        );
         let _ = c.flush_all().await;
     } else if let Err(e) = c.run().await {
         tracing::debug!(conn = id, error = %e, "connection ended");
@@ -137,8 +148,13 @@ impl Conn {
                 Proto::Ws(_) => self.process_ws(),
             }
             self.process_events();
+            self.check_idle();
             if self.close_after_flush && self.wbuf.is_empty() {
                 return Ok(());
+            }
+            // Durable or cross-shard work backed up: stop taking more until it drains.
+            while self.shard.congested() {
+                glommio::timer::sleep(CONGESTION_PAUSE).await;
             }
             match self.wait().await? {
                 Wake::Eof => return Ok(()),
@@ -149,7 +165,13 @@ impl Conn {
 
     /// Waits for bytes to read, progress writing, or mailbox events.
     async fn wait(&mut self) -> io::Result<Wake> {
-        let Conn { stream, rbuf, wbuf, inbox, .. } = self;
+        let Conn {
+            stream,
+            rbuf,
+            wbuf,
+            inbox,
+            ..
+        } = self;
         let reading = wbuf.len() < WRITE_HIGH_WATER && !self.close_after_flush;
         let mut wrote = 0usize;
         let wake = poll_fn(|cx| {
@@ -225,7 +247,9 @@ impl Conn {
 
     /// Auto-ack deliveries whose frames reached the socket settle now.
     fn after_write(&mut self) {
-        let Proto::Ws(ws) = &mut self.proto else { return };
+        let Proto::Ws(ws) = &mut self.proto else {
+            return;
+        };
         let mut batch: Option<(u64, u64, usize, usize)> = None;
         let mut delivered = 0u64;
         while let Some(&(end, sub, queue, home)) = ws.marks.front() {
@@ -238,17 +262,34 @@ impl Conn {
                 Some((s, q, _, n)) if *s == sub && *q == queue => *n += 1,
                 _ => {
                     if let Some((s, q, h, n)) = batch.take() {
-                        self.shard.settle(h, ShardMsg::Written { queue: q, id: cid(&self.shard, self.id, s), n });
+                        self.shard.settle(
+                            h,
+                            ShardMsg::Written {
+                                queue: q,
+                                id: cid(&self.shard, self.id, s),
+                                n,
+                            },
+                        );
                     }
                     batch = Some((sub, queue, home, 1));
                 }
             }
         }
         if let Some((s, q, h, n)) = batch {
-            self.shard.settle(h, ShardMsg::Written { queue: q, id: cid(&self.shard, self.id, s), n });
+            self.shard.settle(
+                h,
+                ShardMsg::Written {
+                    queue: q,
+                    id: cid(&self.shard, self.id, s),
+                    n,
+                },
+            );
         }
         if delivered > 0 {
-            self.shard.counters().delivered.fetch_add(delivered, Ordering::Relaxed);
+            self.shard
+                .counters()
+                .delivered
+                .fetch_add(delivered, Ordering::Relaxed);
         }
     }
 
@@ -277,9 +318,22 @@ impl Conn {
         self.note_buffered();
     }
 
-    fn http_response(&mut self, status: u16, content_type: Option<&str>, body: &[u8], keep_alive: bool) {
+    fn http_response(
+        &mut self,
+        status: u16,
+        content_type: Option<&str>,
+        body: &[u8],
+        keep_alive: bool,
+    ) {
         let shard = self.shard_header.clone();
-        http::write_response(&mut self.wbuf, status, content_type, &[("x-pubsub-shard", &shard)], body, keep_alive);
+        http::write_response(
+            &mut self.wbuf,
+            status,
+            content_type,
+            &[("x-pubsub-shard", &shard)],
+            body,
+            keep_alive,
+        );
         if !keep_alive {
             self.close_after_flush = true;
         }
@@ -332,11 +386,21 @@ impl Conn {
     async fn execute_http(&mut self, cmd: Command, keep: bool) {
         let shard = self.shard.clone();
         match cmd {
-            Command::Console => self.http_response(200, Some("text/html; charset=utf-8"), CONSOLE_HTML.as_bytes(), keep),
+            Command::Console => self.http_response(
+                200,
+                Some("text/html; charset=utf-8"),
+                CONSOLE_HTML.as_bytes(),
+                keep,
+            ),
             Command::Health => self.http_json(200, br#"{"status":"ok"}"#, keep),
             Command::Metrics => {
                 let text = shard.render_metrics();
-                self.http_response(200, Some("text/plain; version=0.0.4"), text.as_bytes(), keep);
+                self.http_response(
+                    200,
+                    Some("text/plain; version=0.0.4"),
+                    text.as_bytes(),
+                    keep,
+                );
             }
             Command::DeclareExchange(d) => match shard.declare_exchange(&d).await {
                 Ok(created) => {
@@ -351,7 +415,12 @@ impl Conn {
             }
             Command::GetExchange(name) => match shard.exchange_json(&name) {
                 Some(body) => self.http_json(200, body.as_bytes(), keep),
-                None => self.http_error(404, "not_found", &format!("exchange {name:?} not found"), keep),
+                None => self.http_error(
+                    404,
+                    "not_found",
+                    &format!("exchange {name:?} not found"),
+                    keep,
+                ),
             },
             Command::DeleteExchange(name) => match shard.delete_exchange(&name).await {
                 Ok(()) => self.http_response(204, None, b"", keep),
@@ -370,7 +439,9 @@ impl Conn {
             }
             Command::GetQueue(name) => match shard.queue_json(&name) {
                 Some(body) => self.http_json(200, body.as_bytes(), keep),
-                None => self.http_error(404, "not_found", &format!("queue {name:?} not found"), keep),
+                None => {
+                    self.http_error(404, "not_found", &format!("queue {name:?} not found"), keep)
+                }
             },
             Command::DeleteQueue(name) => match shard.delete_queue(&name).await {
                 Ok(()) => self.http_response(204, None, b"", keep),
@@ -406,7 +477,11 @@ impl Conn {
                             }
                         }
                         if ok {
-                            let body = format!(r#"{{"id":"{}","routed":{}}}"#, published.id.as_str(), published.routed);
+                            let body = format!(
+                                r#"{{"id":"{}","routed":{}}}"#,
+                                published.id.as_str(),
+                                published.routed
+                            );
                             self.http_json(200, body.as_bytes(), keep);
                         } else {
                             self.http_error(503, "store_unavailable", "the durable store could not write the message; it was not confirmed", keep);
@@ -415,7 +490,10 @@ impl Conn {
                     Err(e) => self.broker_error(&e, keep),
                 }
             }
-            Command::Subscribe(_) | Command::Unsubscribe(_) | Command::Ack { .. } | Command::Nack { .. } => {
+            Command::Subscribe(_)
+            | Command::Unsubscribe(_)
+            | Command::Ack { .. }
+            | Command::Nack { .. } => {
                 self.http_error(400, "bad_request", "only over WebSocket", keep)
             }
         }
@@ -436,11 +514,17 @@ impl Conn {
                     tag_base: 1,
                     marks: VecDeque::new(),
                     closing: false,
+                    pinged_at: None,
                 }));
             }
             Err(e) => {
                 let msg = e.to_string();
-                self.http_error(400, "bad_request", &format!("not a WebSocket upgrade: {msg}"), req.keep_alive);
+                self.http_error(
+                    400,
+                    "bad_request",
+                    &format!("not a WebSocket upgrade: {msg}"),
+                    req.keep_alive,
+                );
             }
         }
     }
@@ -450,7 +534,9 @@ impl Conn {
     fn process_ws(&mut self) {
         let now = now_ms();
         loop {
-            let Proto::Ws(ws) = &mut self.proto else { return };
+            let Proto::Ws(ws) = &mut self.proto else {
+                return;
+            };
             if ws.closing {
                 self.rbuf.clear();
                 break;
@@ -458,9 +544,12 @@ impl Conn {
             match ws.decoder.decode(&mut self.rbuf) {
                 Ok(None) => break,
                 Ok(Some(ws::Event::Text(frame))) => self.ws_text(frame, now),
-                Ok(Some(ws::Event::Binary(_))) => {
-                    self.ws_error(None, "bad_request", "binary frames are not supported: send JSON text frames", &[])
-                }
+                Ok(Some(ws::Event::Binary(_))) => self.ws_error(
+                    None,
+                    "bad_request",
+                    "binary frames are not supported: send JSON text frames",
+                    &[],
+                ),
                 Ok(Some(ws::Event::Ping(p))) => ws::write_pong(&mut self.wbuf, &p),
                 Ok(Some(ws::Event::Pong(_))) => {}
                 Ok(Some(ws::Event::Close(_))) => {
@@ -476,6 +565,41 @@ impl Conn {
         self.note_buffered();
     }
 
+    /// Pings a WebSocket client that has been silent for the idle interval, and closes
+    /// one that stayed silent for another interval after the ping.
+    fn check_idle(&mut self) {
+        let idle_ms = self
+            .shard
+            .shared
+            .config
+            .ws_idle_secs
+            .saturating_mul(1000)
+            .max(1000);
+        let last = self.inbox.last_rx.get();
+        let now = now_ms();
+        let Proto::Ws(ws) = &mut self.proto else {
+            return;
+        };
+        if ws.closing {
+            return;
+        }
+        match ws.pinged_at {
+            Some(_) if last > now.saturating_sub(idle_ms) => ws.pinged_at = None,
+            Some(at) if now.saturating_sub(at) >= idle_ms => {
+                ws::write_close(&mut self.wbuf, 1001, "idle timeout");
+                self.ws_closing();
+                self.note_buffered();
+            }
+            Some(_) => {}
+            None if now.saturating_sub(last) >= idle_ms => {
+                ws.pinged_at = Some(now);
+                ws::write_ping(&mut self.wbuf, b"pubsub");
+                self.note_buffered();
+            }
+            None => {}
+        }
+    }
+
     fn ws_closing(&mut self) {
         if let Proto::Ws(ws) = &mut self.proto {
             ws.closing = true;
@@ -483,7 +607,13 @@ impl Conn {
         self.close_after_flush = true;
     }
 
-    fn ws_error(&mut self, reference: Option<&[u8]>, code: &str, message: &str, extra: &[(&str, &[u8])]) {
+    fn ws_error(
+        &mut self,
+        reference: Option<&[u8]>,
+        code: &str,
+        message: &str,
+        extra: &[(&str, &[u8])],
+    ) {
         let mut out = Vec::with_capacity(96 + message.len());
         out.extend_from_slice(br#"{"type":"ERROR","code":"#);
         http::json::write_escaped_str(&mut out, code);
@@ -522,20 +652,28 @@ impl Conn {
             Command::Subscribe(s) => self.ws_subscribe(s),
             Command::Unsubscribe(u) => self.ws_unsubscribe(u),
             Command::Ack { tag, multiple } => self.ws_settle(tag, multiple, None),
-            Command::Nack { tag, multiple, requeue } => self.ws_settle(tag, multiple, Some(requeue)),
+            Command::Nack {
+                tag,
+                multiple,
+                requeue,
+            } => self.ws_settle(tag, multiple, Some(requeue)),
             _ => self.ws_error(None, "bad_request", "this command is HTTP only", &[]),
         }
     }
 
     fn ws_subscribe(&mut self, s: command::Subscribe) {
         let shard = self.shard.clone();
-        let Proto::Ws(ws) = &mut self.proto else { return };
+        let Proto::Ws(ws) = &mut self.proto else {
+            return;
+        };
         let n = ws.next_sub;
         ws.next_sub += 1;
         let id = cid(&shard, self.id, n);
         let result = match &s.target {
             SubscribeTarget::Queue(name) => shard.subscribe_queue(id, name, s.ack, s.prefetch),
-            SubscribeTarget::Exchange { exchange, key } => shard.subscribe_exchange(id, exchange, key, s.ack, s.prefetch),
+            SubscribeTarget::Exchange { exchange, key } => {
+                shard.subscribe_exchange(id, exchange, key, s.ack, s.prefetch)
+            }
         };
         match result {
             Ok(queue) => {
@@ -547,7 +685,12 @@ impl Conn {
                 out.extend_from_slice(br#","queue_name":"#);
                 out.extend_from_slice(&queue.name_json);
                 out.push(b'}');
-                ws.subs.push(Sub { n, id_json, queue, mode: s.ack });
+                ws.subs.push(Sub {
+                    n,
+                    id_json,
+                    queue,
+                    mode: s.ack,
+                });
                 ws::write_text(&mut self.wbuf, &out);
             }
             Err(e) => {
@@ -559,7 +702,9 @@ impl Conn {
 
     fn ws_unsubscribe(&mut self, u: Unsubscribe) {
         let shard = self.shard.clone();
-        let Proto::Ws(ws) = &mut self.proto else { return };
+        let Proto::Ws(ws) = &mut self.proto else {
+            return;
+        };
         let matches: Vec<usize> = ws
             .subs
             .iter()
@@ -571,7 +716,12 @@ impl Conn {
             .map(|(i, _)| i)
             .collect();
         if matches.is_empty() {
-            return self.ws_error(None, "not_found", "no such subscription on this connection", &[]);
+            return self.ws_error(
+                None,
+                "not_found",
+                "no such subscription on this connection",
+                &[],
+            );
         }
         let mut frames = Vec::new();
         for i in matches.into_iter().rev() {
@@ -591,9 +741,15 @@ impl Conn {
     fn ws_settle(&mut self, tag: u64, multiple: bool, nack: Option<bool>) {
         let shard = self.shard.clone();
         let conn = self.id;
-        let Proto::Ws(ws) = &mut self.proto else { return };
-        let idx = tag.checked_sub(ws.tag_base).and_then(|i| usize::try_from(i).ok());
-        let known = idx.and_then(|i| ws.tags.get(i)).is_some_and(Option::is_some);
+        let Proto::Ws(ws) = &mut self.proto else {
+            return;
+        };
+        let idx = tag
+            .checked_sub(ws.tag_base)
+            .and_then(|i| usize::try_from(i).ok());
+        let known = idx
+            .and_then(|i| ws.tags.get(i))
+            .is_some_and(Option::is_some);
         if !known {
             let msg = format!("delivery tag {tag} is not outstanding on this connection");
             return self.ws_error(None, "unknown_delivery_tag", &msg, &[]);
@@ -616,7 +772,10 @@ impl Conn {
         // One message per (queue, subscription): the highest sequence, settled "through".
         let mut groups: Vec<TagSlot> = Vec::new();
         for s in &taken {
-            match groups.iter_mut().find(|g| g.sub == s.sub && g.queue == s.queue) {
+            match groups
+                .iter_mut()
+                .find(|g| g.sub == s.sub && g.queue == s.queue)
+            {
                 Some(g) => g.dseq = g.dseq.max(s.dseq),
                 None => groups.push(*s),
             }
@@ -624,8 +783,19 @@ impl Conn {
         for g in groups {
             let id = cid(&shard, conn, g.sub);
             let msg = match nack {
-                None => ShardMsg::Ack { queue: g.queue, id, dseq: g.dseq, through: multiple },
-                Some(requeue) => ShardMsg::Nack { queue: g.queue, id, dseq: g.dseq, through: multiple, requeue },
+                None => ShardMsg::Ack {
+                    queue: g.queue,
+                    id,
+                    dseq: g.dseq,
+                    through: multiple,
+                },
+                Some(requeue) => ShardMsg::Nack {
+                    queue: g.queue,
+                    id,
+                    dseq: g.dseq,
+                    through: multiple,
+                    requeue,
+                },
             };
             shard.settle(g.home, msg);
         }
@@ -645,13 +815,24 @@ impl Conn {
         let conn = self.id;
         let Proto::Ws(ws) = &mut self.proto else {
             // Only WebSocket connections subscribe; anything else is a late leftover.
-            if let ConnEvent::Deliver { sub, queue, home, delivery } = ev {
+            if let ConnEvent::Deliver {
+                sub,
+                queue,
+                home,
+                delivery,
+            } = ev
+            {
                 return_delivery(&shard, conn, sub, queue, home, delivery.dseq);
             }
             return;
         };
         match ev {
-            ConnEvent::Deliver { sub, queue, home, delivery } => {
+            ConnEvent::Deliver {
+                sub,
+                queue,
+                home,
+                delivery,
+            } => {
                 let Some(s) = ws.subs.iter().find(|s| s.n == sub && s.queue.id == queue) else {
                     return return_delivery(&shard, conn, sub, queue, home, delivery.dseq);
                 };
@@ -664,7 +845,11 @@ impl Conn {
                 let mut ts_buf = itoa_buf();
                 let ts_s = fmt_u64(&mut ts_buf, m.published_at);
                 let redelivered: &[u8] = if e.redelivered { b"true" } else { b"false" };
-                let headers_prefix: &[u8] = if m.headers.is_some() { br#","headers":"# } else { b"" };
+                let headers_prefix: &[u8] = if m.headers.is_some() {
+                    br#","headers":"#
+                } else {
+                    b""
+                };
                 let headers: &[u8] = m.headers.as_deref().unwrap_or(b"");
                 ws::write_text_parts(
                     &mut self.wbuf,
@@ -701,7 +886,12 @@ impl Conn {
                         while ws.tag_base + (ws.tags.len() as u64) < tag {
                             ws.tags.push_back(None);
                         }
-                        ws.tags.push_back(Some(TagSlot { sub, queue, home, dseq: delivery.dseq }));
+                        ws.tags.push_back(Some(TagSlot {
+                            sub,
+                            queue,
+                            home,
+                            dseq: delivery.dseq,
+                        }));
                         shard.counters().delivered.fetch_add(1, Ordering::Relaxed);
                     }
                     AckMode::Auto => {
@@ -714,10 +904,23 @@ impl Conn {
                 if let Some(pos) = ws.subs.iter().position(|s| s.n == sub) {
                     let s = ws.subs.remove(pos);
                     let msg = format!("queue {} was deleted", s.queue.name);
-                    self.ws_error(None, "queue_deleted", &msg, &[("subscription", &s.id_json), ("queue_name", &s.queue.name_json)]);
+                    self.ws_error(
+                        None,
+                        "queue_deleted",
+                        &msg,
+                        &[
+                            ("subscription", &s.id_json),
+                            ("queue_name", &s.queue.name_json),
+                        ],
+                    );
                 }
             }
-            ConnEvent::Confirm { reference, id, routed, ok } => {
+            ConnEvent::Confirm {
+                reference,
+                id,
+                routed,
+                ok,
+            } => {
                 if ok {
                     let mut out = Vec::with_capacity(96);
                     out.extend_from_slice(br#"{"type":"CONFIRM""#);
@@ -730,7 +933,12 @@ impl Conn {
                     out.extend_from_slice(format!(r#"","routed":{routed}}}"#).as_bytes());
                     ws::write_text(&mut self.wbuf, &out);
                 } else {
-                    self.ws_error(reference.as_deref(), "store_unavailable", "the durable store could not write the message; it was not confirmed", &[]);
+                    self.ws_error(
+                        reference.as_deref(),
+                        "store_unavailable",
+                        "the durable store could not write the message; it was not confirmed",
+                        &[],
+                    );
                 }
             }
         }
@@ -746,15 +954,34 @@ impl Conn {
             }
             // Unacked deliveries of subscriptions ended earlier go back to their queues
             // (those of active ones went back with the subscription).
-            for t in ws.tags.drain(..).flatten().filter(|t| !active.contains(&t.sub)) {
+            for t in ws
+                .tags
+                .drain(..)
+                .flatten()
+                .filter(|t| !active.contains(&t.sub))
+            {
                 let id = cid(&shard, self.id, t.sub);
-                shard.settle(t.home, ShardMsg::Nack { queue: t.queue, id, dseq: t.dseq, through: false, requeue: true });
+                shard.settle(
+                    t.home,
+                    ShardMsg::Nack {
+                        queue: t.queue,
+                        id,
+                        dseq: t.dseq,
+                        through: false,
+                        requeue: true,
+                    },
+                );
             }
         }
         loop {
             let ev = self.inbox.events.borrow_mut().pop_front();
             match ev {
-                Some(ConnEvent::Deliver { sub, queue, home, delivery }) => return_delivery(&shard, self.id, sub, queue, home, delivery.dseq),
+                Some(ConnEvent::Deliver {
+                    sub,
+                    queue,
+                    home,
+                    delivery,
+                }) => return_delivery(&shard, self.id, sub, queue, home, delivery.dseq),
                 Some(_) => {}
                 None => break,
             }
@@ -763,11 +990,22 @@ impl Conn {
 }
 
 fn cid(shard: &Shard, conn: u64, sub: u64) -> ConsumerId {
-    ConsumerId { shard: shard.id, conn, sub }
+    ConsumerId {
+        shard: shard.id,
+        conn,
+        sub,
+    }
 }
 
 fn return_delivery(shard: &Rc<Shard>, conn: u64, sub: u64, queue: u64, home: usize, dseq: u64) {
-    shard.settle(home, ShardMsg::Returned { queue, id: cid(shard, conn, sub), dseqs: vec![dseq] });
+    shard.settle(
+        home,
+        ShardMsg::Returned {
+            queue,
+            id: cid(shard, conn, sub),
+            dseqs: vec![dseq],
+        },
+    );
 }
 
 fn error_body(code: &str, message: &str) -> Vec<u8> {

@@ -26,20 +26,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
+use glommio::channels::shared_channel::{
+    self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
+};
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::command::{AckMode, BindingDecl, ExchangeDecl, Publish, QueueDecl, QueueSpec};
 use crate::config::Config;
 use crate::message::{now_ms, IdGen, Message, MessageId};
 use crate::metrics::Metrics;
+use crate::persist::core::{CoreEnds, PersistMsg};
+use crate::persist::{QueueArgs, Record, Store, StoredMessage};
 use crate::queue::{ConsumerId, Delivery, Effects, QueueState};
 use crate::routing::{ConnKey, Pending, QueueHandle, Ticket, Topology, TopologyError};
 use crate::sync::notify::Notify;
 use crate::sync::snapshot::{pin, Snapshot};
 use crate::sync::spsc;
-use crate::persist::core::{CoreEnds, PersistMsg};
-use crate::persist::{QueueArgs, Record, StoredMessage, Store};
 
 use self::signal::{oneshot, OneshotTx, Signal};
 
@@ -442,7 +444,10 @@ impl Shard {
             Some(link) => link.push(msg),
             None => {
                 if let Some(t) = msg.ticket {
-                    tracing::error!(token = t.token, "no persistence core; confirm cannot be answered");
+                    tracing::error!(
+                        token = t.token,
+                        "no persistence core; confirm cannot be answered"
+                    );
                 }
             }
         }
@@ -451,7 +456,11 @@ impl Shard {
     /// True while some link is backed up (publishers should slow down).
     pub fn congested(&self) -> bool {
         self.links.borrow().iter().flatten().any(|l| l.backed_up())
-            || self.persist.borrow().as_ref().is_some_and(|l| l.backed_up())
+            || self
+                .persist
+                .borrow()
+                .as_ref()
+                .is_some_and(|l| l.backed_up())
     }
 
     /// Registers a connection and returns its number and mailbox.
@@ -483,9 +492,26 @@ impl Shard {
                 inbox.signal.notify();
             }
             None => {
-                if let ConnEvent::Deliver { sub, queue, home, delivery } = ev {
-                    let id = ConsumerId { shard: self.id, conn, sub };
-                    self.send(home, ShardMsg::Returned { queue, id, dseqs: vec![delivery.dseq] });
+                if let ConnEvent::Deliver {
+                    sub,
+                    queue,
+                    home,
+                    delivery,
+                } = ev
+                {
+                    let id = ConsumerId {
+                        shard: self.id,
+                        conn,
+                        sub,
+                    };
+                    self.send(
+                        home,
+                        ShardMsg::Returned {
+                            queue,
+                            id,
+                            dseqs: vec![delivery.dseq],
+                        },
+                    );
                 }
             }
         }
@@ -502,7 +528,12 @@ impl Shard {
         let now = now_ms();
         match msg {
             ShardMsg::QueueWork(h) => self.queue_work(&h, now),
-            ShardMsg::AddConsumer { queue, id, mode, prefetch } => {
+            ShardMsg::AddConsumer {
+                queue,
+                id,
+                mode,
+                prefetch,
+            } => {
                 if queue.deleted.load(Ordering::Acquire) {
                     self.send(id.shard, ShardMsg::Cancelled { id });
                     return;
@@ -518,14 +549,25 @@ impl Shard {
                     q.dispatch(now, fx);
                 });
             }
-            ShardMsg::Ack { queue, id, dseq, through } => {
+            ShardMsg::Ack {
+                queue,
+                id,
+                dseq,
+                through,
+            } => {
                 self.counters().acked.fetch_add(1, Ordering::Relaxed);
                 self.with_queue(queue, |q, fx| {
                     q.ack(id, dseq, through, fx);
                     q.dispatch(now, fx);
                 });
             }
-            ShardMsg::Nack { queue, id, dseq, through, requeue } => {
+            ShardMsg::Nack {
+                queue,
+                id,
+                dseq,
+                through,
+                requeue,
+            } => {
                 if requeue {
                     self.counters().redelivered.fetch_add(1, Ordering::Relaxed);
                 }
@@ -546,10 +588,25 @@ impl Shard {
                     q.dispatch(now, fx);
                 });
             }
-            ShardMsg::Deliver { id, queue, home, delivery } => {
-                self.to_conn(id.conn, ConnEvent::Deliver { sub: id.sub, queue, home, delivery });
+            ShardMsg::Deliver {
+                id,
+                queue,
+                home,
+                delivery,
+            } => {
+                self.to_conn(
+                    id.conn,
+                    ConnEvent::Deliver {
+                        sub: id.sub,
+                        queue,
+                        home,
+                        delivery,
+                    },
+                );
             }
-            ShardMsg::Cancelled { id } => self.to_conn(id.conn, ConnEvent::Cancelled { sub: id.sub }),
+            ShardMsg::Cancelled { id } => {
+                self.to_conn(id.conn, ConnEvent::Cancelled { sub: id.sub })
+            }
             ShardMsg::DeleteQueue(h) => {
                 let state = self.queues.borrow_mut().remove(&h.id);
                 let mut fx = std::mem::take(&mut *self.fx.borrow_mut());
@@ -569,7 +626,13 @@ impl Shard {
                 let mut count = 0;
                 self.queue_work(&queue, now);
                 self.with_queue(queue.id, |q, fx| count = q.purge(fx));
-                self.send(reply.shard, ShardMsg::PurgeDone { token: reply.token, count });
+                self.send(
+                    reply.shard,
+                    ShardMsg::PurgeDone {
+                        token: reply.token,
+                        count,
+                    },
+                );
             }
             ShardMsg::PurgeDone { token, count } => {
                 if let Some(Waiter::Purge(tx)) = self.waiters.borrow_mut().remove(&token) {
@@ -580,11 +643,17 @@ impl Shard {
         }
     }
 
-    fn with_queue_create(self: &Rc<Self>, h: &Arc<QueueHandle>, f: impl FnOnce(&mut QueueState, &mut Effects)) {
+    fn with_queue_create(
+        self: &Rc<Self>,
+        h: &Arc<QueueHandle>,
+        f: impl FnOnce(&mut QueueState, &mut Effects),
+    ) {
         let mut fx = std::mem::take(&mut *self.fx.borrow_mut());
         {
             let mut queues = self.queues.borrow_mut();
-            let q = queues.entry(h.id).or_insert_with(|| QueueState::new(h.clone(), 1));
+            let q = queues
+                .entry(h.id)
+                .or_insert_with(|| QueueState::new(h.clone(), 1));
             f(q, &mut fx);
         }
         self.apply(&mut fx, h);
@@ -614,10 +683,18 @@ impl Shard {
             while let Some(p) = h.inbox.pop() {
                 freed += p.msg.weight();
                 if let Some(t) = p.ticket {
-                    self.send(t.shard, ShardMsg::Confirmed { token: t.token, ok: true });
+                    self.send(
+                        t.shard,
+                        ShardMsg::Confirmed {
+                            token: t.token,
+                            ok: true,
+                        },
+                    );
                 }
             }
-            self.counters().memory.fetch_sub(freed as i64, Ordering::Relaxed);
+            self.counters()
+                .memory
+                .fetch_sub(freed as i64, Ordering::Relaxed);
             return;
         }
         self.with_queue_create(h, |q, fx| {
@@ -631,21 +708,45 @@ impl Shard {
     /// Carries out what an operation on queue `src` asked for.
     fn apply(self: &Rc<Self>, fx: &mut Effects, src: &Arc<QueueHandle>) {
         if fx.freed > 0 {
-            self.counters().memory.fetch_sub(fx.freed as i64, Ordering::Relaxed);
+            self.counters()
+                .memory
+                .fetch_sub(fx.freed as i64, Ordering::Relaxed);
             fx.freed = 0;
         }
         for (id, delivery) in fx.deliveries.drain(..) {
             if id.shard == self.id {
-                self.to_conn(id.conn, ConnEvent::Deliver { sub: id.sub, queue: src.id, home: self.id, delivery });
+                self.to_conn(
+                    id.conn,
+                    ConnEvent::Deliver {
+                        sub: id.sub,
+                        queue: src.id,
+                        home: self.id,
+                        delivery,
+                    },
+                );
             } else {
-                self.send(id.shard, ShardMsg::Deliver { id, queue: src.id, home: self.id, delivery });
+                self.send(
+                    id.shard,
+                    ShardMsg::Deliver {
+                        id,
+                        queue: src.id,
+                        home: self.id,
+                        delivery,
+                    },
+                );
             }
         }
         for op in fx.persist.drain(..) {
             self.persist_op(src, op);
         }
         for t in fx.settle.drain(..) {
-            self.send(t.shard, ShardMsg::Confirmed { token: t.token, ok: true });
+            self.send(
+                t.shard,
+                ShardMsg::Confirmed {
+                    token: t.token,
+                    ok: true,
+                },
+            );
         }
         for id in fx.cancelled.drain(..) {
             self.send(id.shard, ShardMsg::Cancelled { id });
@@ -668,7 +769,9 @@ impl Shard {
         use crate::queue::PersistOp;
         let queue = src.name.clone();
         let (rec, ticket) = match op {
-            PersistOp::Enqueued { seq, msg, ticket } => (Record::enqueued(queue, seq, stored(&msg)), ticket),
+            PersistOp::Enqueued { seq, msg, ticket } => {
+                (Record::enqueued(queue, seq, stored(&msg)), ticket)
+            }
             PersistOp::Delivered { seq } => (Record::Delivered { queue, seq }, None),
             PersistOp::Removed { seq } => (Record::Removed { queue, seq }, None),
         };
@@ -679,19 +782,43 @@ impl Shard {
     async fn commit(self: &Rc<Self>, rec: Record) -> Result<(), BrokerError> {
         let token = self.token();
         let (tx, rx) = oneshot();
-        self.waiters.borrow_mut().insert(token, Waiter::Confirm { remaining: 1, ok: true, target: ConfirmTarget::Http(tx) });
-        self.send_persist(PersistMsg { rec, ticket: Some(Ticket { shard: self.id, token }) });
+        self.waiters.borrow_mut().insert(
+            token,
+            Waiter::Confirm {
+                remaining: 1,
+                ok: true,
+                target: ConfirmTarget::Http(tx),
+            },
+        );
+        self.send_persist(PersistMsg {
+            rec,
+            ticket: Some(Ticket {
+                shard: self.id,
+                token,
+            }),
+        });
         match rx.await {
             Some(true) => Ok(()),
-            Some(false) => Err(BrokerError::Store("the change is in effect but could not be written to the store".into())),
+            Some(false) => Err(BrokerError::Store(
+                "the change is in effect but could not be written to the store".into(),
+            )),
             None => Err(BrokerError::ShuttingDown),
         }
     }
 
     /// Routes `msg` through `exchange`; returns how many queues took it and how many of
     /// those carry `ticket` (durable queues, persistent message).
-    fn route(self: &Rc<Self>, topo: &Topology, exchange: &str, key: &str, msg: &Arc<Message>, ticket: Option<Ticket>) -> (usize, usize) {
-        let Some(x) = topo.exchange(exchange) else { return (0, 0) };
+    fn route(
+        self: &Rc<Self>,
+        topo: &Topology,
+        exchange: &str,
+        key: &str,
+        msg: &Arc<Message>,
+        ticket: Option<Ticket>,
+    ) -> (usize, usize) {
+        let Some(x) = topo.exchange(exchange) else {
+            return (0, 0);
+        };
         let targets = x.route(key);
         let mut routed = 0;
         let mut ticketed = 0;
@@ -701,24 +828,37 @@ impl Shard {
                 return;
             }
             routed += 1;
-            let t = if q.spec.durable && msg.persistent { ticket } else { None };
+            let t = if q.spec.durable && msg.persistent {
+                ticket
+            } else {
+                None
+            };
             if t.is_some() {
                 ticketed += 1;
             }
-            q.inbox.push(Pending { msg: msg.clone(), ticket: t });
+            q.inbox.push(Pending {
+                msg: msg.clone(),
+                ticket: t,
+            });
             if !q.scheduled.swap(true, Ordering::AcqRel) {
                 self.send(q.home, ShardMsg::QueueWork(q.clone()));
             }
         });
         let c = self.counters();
-        c.memory.fetch_add((weight * routed) as i64, Ordering::Relaxed);
+        c.memory
+            .fetch_add((weight * routed) as i64, Ordering::Relaxed);
         c.routed.fetch_add(routed as u64, Ordering::Relaxed);
         (routed, ticketed)
     }
 
     /// Publishes: routes the message and, for `confirm`, arranges the answer.
     /// `conn` is the WebSocket connection to answer with `CONFIRM` (else HTTP waits).
-    pub fn publish(self: &Rc<Self>, p: Publish, now: u64, conn: Option<u64>) -> Result<Published, BrokerError> {
+    pub fn publish(
+        self: &Rc<Self>,
+        p: Publish,
+        now: u64,
+        conn: Option<u64>,
+    ) -> Result<Published, BrokerError> {
         if self.shared.metrics.memory() > self.shared.config.memory_high_water as i64 {
             return Err(BrokerError::ResourceLimit);
         }
@@ -742,7 +882,10 @@ impl Shard {
             persistent: p.persistent,
         });
         let key = std::str::from_utf8(&p.key).unwrap_or("");
-        let ticket = p.confirm.then(|| Ticket { shard: self.id, token: self.token() });
+        let ticket = p.confirm.then(|| Ticket {
+            shard: self.id,
+            token: self.token(),
+        });
         let (routed, ticketed) = self.route(topo, exchange, key, &msg, ticket);
         let c = self.counters();
         c.published.fetch_add(1, Ordering::Relaxed);
@@ -752,7 +895,12 @@ impl Shard {
         let mut confirm = None;
         if let Some(t) = ticket {
             let target = match conn {
-                Some(conn) => ConfirmTarget::Conn { conn, reference: p.reference, id, routed },
+                Some(conn) => ConfirmTarget::Conn {
+                    conn,
+                    reference: p.reference,
+                    id,
+                    routed,
+                },
                 None => {
                     let (tx, rx) = oneshot();
                     confirm = Some(rx);
@@ -762,15 +910,37 @@ impl Shard {
             if ticketed == 0 {
                 match target {
                     ConfirmTarget::Http(tx) => tx.send(true),
-                    ConfirmTarget::Conn { conn, reference, id, routed } => {
-                        self.to_conn(conn, ConnEvent::Confirm { reference, id, routed, ok: true })
-                    }
+                    ConfirmTarget::Conn {
+                        conn,
+                        reference,
+                        id,
+                        routed,
+                    } => self.to_conn(
+                        conn,
+                        ConnEvent::Confirm {
+                            reference,
+                            id,
+                            routed,
+                            ok: true,
+                        },
+                    ),
                 }
             } else {
-                self.waiters.borrow_mut().insert(t.token, Waiter::Confirm { remaining: ticketed, ok: true, target });
+                self.waiters.borrow_mut().insert(
+                    t.token,
+                    Waiter::Confirm {
+                        remaining: ticketed,
+                        ok: true,
+                        target,
+                    },
+                );
             }
         }
-        Ok(Published { id, routed, confirm })
+        Ok(Published {
+            id,
+            routed,
+            confirm,
+        })
     }
 
     /// `POST /exchanges`: true when created, false when an identical one existed.
@@ -779,7 +949,11 @@ impl Shard {
         match self.shared.topology.update(|t| t.declare_exchange(d)) {
             Ok(()) => {
                 if d.durable {
-                    self.commit(Record::ExchangeDeclared { name: d.name.clone(), kind: d.kind.as_str().to_owned() }).await?;
+                    self.commit(Record::ExchangeDeclared {
+                        name: d.name.clone(),
+                        kind: d.kind.as_str().to_owned(),
+                    })
+                    .await?;
                 }
                 Ok(true)
             }
@@ -797,7 +971,10 @@ impl Shard {
             Ok::<_, TopologyError>(next)
         })?;
         if durable {
-            self.commit(Record::ExchangeDeleted { name: name.to_owned() }).await?;
+            self.commit(Record::ExchangeDeleted {
+                name: name.to_owned(),
+            })
+            .await?;
         }
         Ok(())
     }
@@ -806,10 +983,18 @@ impl Shard {
     pub async fn declare_queue(self: &Rc<Self>, d: &QueueDecl) -> Result<bool, BrokerError> {
         let home = crate::routing::placement(&d.name, self.shared.shards);
         let handle = Arc::new(QueueHandle::new(&d.name, d.spec.clone(), home, None));
-        match self.shared.topology.update(|t| t.declare_queue(handle.clone())) {
+        match self
+            .shared
+            .topology
+            .update(|t| t.declare_queue(handle.clone()))
+        {
             Ok(()) => {
                 if d.spec.durable {
-                    self.commit(Record::QueueDeclared { name: d.name.clone(), args: queue_args(&d.spec) }).await?;
+                    self.commit(Record::QueueDeclared {
+                        name: d.name.clone(),
+                        args: queue_args(&d.spec),
+                    })
+                    .await?;
                 }
                 Ok(true)
             }
@@ -822,7 +1007,10 @@ impl Shard {
     pub async fn delete_queue(self: &Rc<Self>, name: &str) -> Result<(), BrokerError> {
         if let Some(old) = self.remove_queue(name)? {
             if old.spec.durable {
-                self.commit(Record::QueueDeleted { name: name.to_owned() }).await?;
+                self.commit(Record::QueueDeleted {
+                    name: name.to_owned(),
+                })
+                .await?;
             }
         }
         Ok(())
@@ -845,7 +1033,8 @@ impl Shard {
     fn binding_is_durable(&self, d: &BindingDecl) -> bool {
         let guard = pin();
         let topo = self.shared.topology.load(&guard);
-        topo.exchange(&d.exchange).is_some_and(|x| x.durable) && topo.queue(&d.queue).is_some_and(|q| q.spec.durable)
+        topo.exchange(&d.exchange).is_some_and(|x| x.durable)
+            && topo.queue(&d.queue).is_some_and(|q| q.spec.durable)
     }
 
     /// `POST /bindings`: true when created.
@@ -853,7 +1042,12 @@ impl Shard {
         match self.shared.topology.update(|t| t.bind(d)) {
             Ok(()) => {
                 if self.binding_is_durable(d) {
-                    self.commit(Record::Bound { exchange: d.exchange.clone(), queue: d.queue.clone(), key: d.key.clone() }).await?;
+                    self.commit(Record::Bound {
+                        exchange: d.exchange.clone(),
+                        queue: d.queue.clone(),
+                        key: d.key.clone(),
+                    })
+                    .await?;
                 }
                 Ok(true)
             }
@@ -867,7 +1061,12 @@ impl Shard {
         let durable = self.binding_is_durable(d);
         self.shared.topology.update(|t| t.unbind(d))?;
         if durable {
-            self.commit(Record::Unbound { exchange: d.exchange.clone(), queue: d.queue.clone(), key: d.key.clone() }).await?;
+            self.commit(Record::Unbound {
+                exchange: d.exchange.clone(),
+                queue: d.queue.clone(),
+                key: d.key.clone(),
+            })
+            .await?;
         }
         Ok(())
     }
@@ -877,60 +1076,135 @@ impl Shard {
         let queue = {
             let guard = pin();
             let topo = self.shared.topology.load(&guard);
-            topo.queue(name).cloned().ok_or_else(|| TopologyError::NoQueue(name.to_owned()))?
+            topo.queue(name)
+                .cloned()
+                .ok_or_else(|| TopologyError::NoQueue(name.to_owned()))?
         };
         let token = self.token();
         let (tx, rx) = oneshot();
         self.waiters.borrow_mut().insert(token, Waiter::Purge(tx));
-        self.send(queue.home, ShardMsg::Purge { queue, reply: Ticket { shard: self.id, token } });
+        self.send(
+            queue.home,
+            ShardMsg::Purge {
+                queue,
+                reply: Ticket {
+                    shard: self.id,
+                    token,
+                },
+            },
+        );
         rx.await.ok_or(BrokerError::ShuttingDown)
     }
 
     /// Starts a subscription on an existing queue.
-    pub fn subscribe_queue(self: &Rc<Self>, id: ConsumerId, name: &str, mode: AckMode, prefetch: u32) -> Result<Arc<QueueHandle>, BrokerError> {
+    pub fn subscribe_queue(
+        self: &Rc<Self>,
+        id: ConsumerId,
+        name: &str,
+        mode: AckMode,
+        prefetch: u32,
+    ) -> Result<Arc<QueueHandle>, BrokerError> {
         let queue = {
             let guard = pin();
             let topo = self.shared.topology.load(&guard);
-            topo.queue(name).cloned().ok_or_else(|| TopologyError::NoQueue(name.to_owned()))?
+            topo.queue(name)
+                .cloned()
+                .ok_or_else(|| TopologyError::NoQueue(name.to_owned()))?
         };
         if let Some(owner) = queue.exclusive {
-            if owner != (ConnKey { shard: id.shard, conn: id.conn }) {
+            if owner
+                != (ConnKey {
+                    shard: id.shard,
+                    conn: id.conn,
+                })
+            {
                 return Err(TopologyError::Locked(name.to_owned()).into());
             }
         }
-        self.send(queue.home, ShardMsg::AddConsumer { queue: queue.clone(), id, mode, prefetch });
+        self.send(
+            queue.home,
+            ShardMsg::AddConsumer {
+                queue: queue.clone(),
+                id,
+                mode,
+                prefetch,
+            },
+        );
         Ok(queue)
     }
 
     /// Starts a subscription on an exchange: a server-named exclusive queue, homed on
     /// this shard, bound with `key`.
-    pub fn subscribe_exchange(self: &Rc<Self>, id: ConsumerId, exchange: &str, key: &str, mode: AckMode, prefetch: u32) -> Result<Arc<QueueHandle>, BrokerError> {
-        let mut salt = id.conn.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ id.sub;
+    pub fn subscribe_exchange(
+        self: &Rc<Self>,
+        id: ConsumerId,
+        exchange: &str,
+        key: &str,
+        mode: AckMode,
+        prefetch: u32,
+    ) -> Result<Arc<QueueHandle>, BrokerError> {
+        // Unique per (shard, connection, subscription); the last number only steers
+        // placement so the queue is homed here and deliveries never cross shards.
+        let mut k = 0u64;
         let name = loop {
-            let candidate = format!("pubsub.sub.{}.{:x}", self.id, salt);
+            let candidate = format!("pubsub.sub.{}.{}.{}.{}", self.id, id.conn, id.sub, k);
             if crate::routing::placement(&candidate, self.shared.shards) == self.id {
                 break candidate;
             }
-            salt = salt.wrapping_add(1);
+            k += 1;
         };
-        let owner = ConnKey { shard: id.shard, conn: id.conn };
-        let handle = Arc::new(QueueHandle::new(&name, QueueSpec::default(), self.id, Some(owner)));
-        let binding = BindingDecl { exchange: exchange.to_owned(), queue: name.clone(), key: key.to_owned() };
-        self.shared.topology.update(|t| t.declare_queue(handle.clone())?.bind(&binding))?;
-        self.send(self.id, ShardMsg::AddConsumer { queue: handle.clone(), id, mode, prefetch });
+        let owner = ConnKey {
+            shard: id.shard,
+            conn: id.conn,
+        };
+        let handle = Arc::new(QueueHandle::new(
+            &name,
+            QueueSpec::default(),
+            self.id,
+            Some(owner),
+        ));
+        let binding = BindingDecl {
+            exchange: exchange.to_owned(),
+            queue: name.clone(),
+            key: key.to_owned(),
+        };
+        self.shared
+            .topology
+            .update(|t| t.declare_queue(handle.clone())?.bind(&binding))?;
+        self.send(
+            self.id,
+            ShardMsg::AddConsumer {
+                queue: handle.clone(),
+                id,
+                mode,
+                prefetch,
+            },
+        );
         Ok(handle)
     }
 
     /// Ends a subscription. `closed`: the connection is gone, so its unacked messages
     /// go back to the queue. An exclusive queue is deleted with its subscription.
-    pub fn end_subscription(self: &Rc<Self>, id: ConsumerId, queue: &Arc<QueueHandle>, closed: bool) {
+    pub fn end_subscription(
+        self: &Rc<Self>,
+        id: ConsumerId,
+        queue: &Arc<QueueHandle>,
+        closed: bool,
+    ) {
         if queue.exclusive.is_some() {
             if let Err(e) = self.remove_queue(&queue.name) {
                 tracing::debug!(queue = %queue.name, error = %e, "exclusive queue already gone");
             }
             return;
         }
-        self.send(queue.home, ShardMsg::RemoveConsumer { queue: queue.id, id, requeue: closed });
+        self.send(
+            queue.home,
+            ShardMsg::RemoveConsumer {
+                queue: queue.id,
+                id,
+                requeue: closed,
+            },
+        );
     }
 
     /// Sends a consumer's settlement to the queue's home.
@@ -941,7 +1215,13 @@ impl Shard {
     /// Looks for expired messages in the queues homed here.
     fn expire_tick(self: &Rc<Self>) {
         let now = now_ms();
-        let ids: Vec<u64> = self.queues.borrow().iter().filter(|(_, q)| q.may_expire()).map(|(id, _)| *id).collect();
+        let ids: Vec<u64> = self
+            .queues
+            .borrow()
+            .iter()
+            .filter(|(_, q)| q.may_expire())
+            .map(|(id, _)| *id)
+            .collect();
         for id in ids {
             self.with_queue(id, |q, fx| q.expire(now, fx));
         }
@@ -951,7 +1231,11 @@ impl Shard {
         let done = {
             let mut waiters = self.waiters.borrow_mut();
             match waiters.get_mut(&token) {
-                Some(Waiter::Confirm { remaining, ok: all_ok, .. }) => {
+                Some(Waiter::Confirm {
+                    remaining,
+                    ok: all_ok,
+                    ..
+                }) => {
                     *remaining = remaining.saturating_sub(1);
                     *all_ok &= ok;
                     if *remaining == 0 {
@@ -966,9 +1250,20 @@ impl Shard {
         if let Some(Waiter::Confirm { ok, target, .. }) = done {
             match target {
                 ConfirmTarget::Http(tx) => tx.send(ok),
-                ConfirmTarget::Conn { conn, reference, id, routed } => {
-                    self.to_conn(conn, ConnEvent::Confirm { reference, id, routed, ok })
-                }
+                ConfirmTarget::Conn {
+                    conn,
+                    reference,
+                    id,
+                    routed,
+                } => self.to_conn(
+                    conn,
+                    ConnEvent::Confirm {
+                        reference,
+                        id,
+                        routed,
+                        ok,
+                    },
+                ),
             }
         }
     }
@@ -1032,13 +1327,37 @@ impl Shard {
     pub fn render_metrics(&self) -> String {
         let guard = pin();
         let topo = self.shared.topology.load(&guard);
-        let ready: usize = topo.queues.values().map(|q| q.depth.load(Ordering::Relaxed)).sum();
-        let unacked: usize = topo.queues.values().map(|q| q.unacked.load(Ordering::Relaxed)).sum();
+        let ready: usize = topo
+            .queues
+            .values()
+            .map(|q| q.depth.load(Ordering::Relaxed))
+            .sum();
+        let unacked: usize = topo
+            .queues
+            .values()
+            .map(|q| q.unacked.load(Ordering::Relaxed))
+            .sum();
         self.shared.metrics.render(&[
-            ("pubsub_exchanges", "Declared exchanges.", topo.exchanges.len() as f64),
-            ("pubsub_queues", "Declared queues.", topo.queues.len() as f64),
-            ("pubsub_messages_ready", "Messages ready in all queues.", ready as f64),
-            ("pubsub_messages_unacked", "Messages delivered and not yet settled.", unacked as f64),
+            (
+                "pubsub_exchanges",
+                "Declared exchanges.",
+                topo.exchanges.len() as f64,
+            ),
+            (
+                "pubsub_queues",
+                "Declared queues.",
+                topo.queues.len() as f64,
+            ),
+            (
+                "pubsub_messages_ready",
+                "Messages ready in all queues.",
+                ready as f64,
+            ),
+            (
+                "pubsub_messages_unacked",
+                "Messages delivered and not yet settled.",
+                unacked as f64,
+            ),
         ])
     }
 
@@ -1048,13 +1367,20 @@ impl Shard {
         let now = now_ms();
         for r in restored {
             let mut weight = 0;
-            let next = r.messages.iter().map(|(_, seq, _)| *seq + 1).max().unwrap_or(1);
+            let next = r
+                .messages
+                .iter()
+                .map(|(_, seq, _)| *seq + 1)
+                .max()
+                .unwrap_or(1);
             let mut state = QueueState::new(r.handle.clone(), next);
             for (m, seq, delivered) in r.messages {
                 weight += m.weight();
                 state.restore(m, seq, delivered, now);
             }
-            self.counters().memory.fetch_add(weight as i64, Ordering::Relaxed);
+            self.counters()
+                .memory
+                .fetch_add(weight as i64, Ordering::Relaxed);
             self.queues.borrow_mut().insert(r.handle.id, state);
         }
     }
@@ -1106,11 +1432,16 @@ fn queue_value(q: &QueueHandle) -> serde_json::Value {
     })
 }
 
+/// A ring's sending end with its wake-up flag and doorbell.
+type SendEnd<T> = (spsc::Producer<T>, Arc<Notify>, SharedSender<u8>);
+/// A ring's receiving end with its wake-up flag and doorbell.
+type RecvEnd<T> = (spsc::Consumer<T>, Arc<Notify>, SharedReceiver<u8>);
+
 /// The ends of the links one shard owns, handed to its executor at start.
 struct Wiring {
-    out: Vec<Option<(spsc::Producer<ShardMsg>, Arc<Notify>, SharedSender<u8>)>>,
-    inc: Vec<(spsc::Consumer<ShardMsg>, Arc<Notify>, SharedReceiver<u8>)>,
-    persist: Option<(spsc::Producer<PersistMsg>, Arc<Notify>, SharedSender<u8>)>,
+    out: Vec<Option<SendEnd<ShardMsg>>>,
+    inc: Vec<RecvEnd<ShardMsg>>,
+    persist: Option<SendEnd<PersistMsg>>,
 }
 
 /// The CPUs this process may run on.
@@ -1118,9 +1449,13 @@ fn allowed_cpus() -> Vec<usize> {
     // SAFETY: `cpu_set_t` is plain data for which all-zero bytes is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: pid 0 is this thread; the pointer and size describe `set` exactly.
-    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
     if rc != 0 {
-        return (0..std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).collect();
+        return (0..std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1))
+            .collect();
     }
     (0..libc::CPU_SETSIZE as usize)
         // SAFETY: `i` is below CPU_SETSIZE, the capacity of `set`.
@@ -1131,7 +1466,11 @@ fn allowed_cpus() -> Vec<usize> {
 /// Starts the persistence core and every shard, and blocks until the shards stop.
 /// `restored` holds the durable queues' messages read back at start, handed to their
 /// home shards.
-pub fn run(shared: Arc<Shared>, store: Box<dyn Store>, restored: Vec<RestoredQueue>) -> std::io::Result<()> {
+pub fn run(
+    shared: Arc<Shared>,
+    store: Box<dyn Store>,
+    restored: Vec<RestoredQueue>,
+) -> std::io::Result<()> {
     let n = shared.shards;
     let mut wiring: Vec<Wiring> = (0..n)
         .map(|_| Wiring {
@@ -1208,7 +1547,12 @@ pub fn run(shared: Arc<Shared>, store: Box<dyn Store>, restored: Vec<RestoredQue
     result
 }
 
-async fn shard_main(i: usize, shared: Arc<Shared>, w: Wiring, restored: Vec<RestoredQueue>) -> std::io::Result<()> {
+async fn shard_main(
+    i: usize,
+    shared: Arc<Shared>,
+    w: Wiring,
+    restored: Vec<RestoredQueue>,
+) -> std::io::Result<()> {
     let shard = Rc::new(Shard::new(i, shared.clone()));
     *shard.restored.borrow_mut() = restored;
     // Receivers first, each in its own task, so that no connect waits on another.
@@ -1223,7 +1567,9 @@ async fn shard_main(i: usize, shared: Arc<Shared>, w: Wiring, restored: Vec<Rest
     let mut pending = Vec::new();
     for (to, slot) in w.out.into_iter().enumerate() {
         if let Some((ring, notify, bell)) = slot {
-            pending.push(glommio::spawn_local(async move { (to, ring, notify, bell.connect().await) }));
+            pending.push(glommio::spawn_local(async move {
+                (to, ring, notify, bell.connect().await)
+            }));
         }
     }
     let mut links: Vec<Option<Rc<Link<ShardMsg>>>> = (0..shared.shards).map(|_| None).collect();
@@ -1246,8 +1592,9 @@ async fn shard_main(i: usize, shared: Arc<Shared>, w: Wiring, restored: Vec<Rest
         glommio::spawn_local(async move { tick_task(shard).await }).detach();
     }
     shard.restore();
-    let listener = glommio::net::TcpListener::bind(shared.config.listen)
-        .map_err(|e| std::io::Error::other(format!("cannot listen on {}: {e}", shared.config.listen)))?;
+    let listener = glommio::net::TcpListener::bind(shared.config.listen).map_err(|e| {
+        std::io::Error::other(format!("cannot listen on {}: {e}", shared.config.listen))
+    })?;
     tracing::info!(shard = i, addr = %shared.config.listen, "listening");
     loop {
         match listener.accept().await {
@@ -1264,7 +1611,12 @@ async fn shard_main(i: usize, shared: Arc<Shared>, w: Wiring, restored: Vec<Rest
 }
 
 /// Drains one incoming ring; parks on its doorbell when empty.
-async fn ring_task(shard: Rc<Shard>, mut ring: spsc::Consumer<ShardMsg>, notify: Arc<Notify>, bell: ConnectedReceiver<u8>) {
+async fn ring_task(
+    shard: Rc<Shard>,
+    mut ring: spsc::Consumer<ShardMsg>,
+    notify: Arc<Notify>,
+    bell: ConnectedReceiver<u8>,
+) {
     loop {
         let mut n = 0;
         while let Some(m) = ring.pop() {
@@ -1303,7 +1655,12 @@ async fn local_task(shard: Rc<Shard>) {
 
 /// Expires messages and wakes idle WebSocket connections so they ping or close.
 async fn tick_task(shard: Rc<Shard>) {
-    let idle_ms = shard.shared.config.ws_idle_secs.saturating_mul(1000).max(1000);
+    let idle_ms = shard
+        .shared
+        .config
+        .ws_idle_secs
+        .saturating_mul(1000)
+        .max(1000);
     let mut last_idle_check = now_ms();
     loop {
         glommio::timer::sleep(EXPIRY_TICK).await;
@@ -1325,7 +1682,6 @@ async fn tick_task(shard: Rc<Shard>) {
     }
 }
 
-
 /// Rebuilds the topology and the queues' backlogs from what the store returned.
 pub fn rebuild(rec: crate::persist::Recovered, shards: usize) -> (Topology, Vec<RestoredQueue>) {
     use crate::command::{ExchangeKind, Overflow};
@@ -1335,7 +1691,11 @@ pub fn rebuild(rec: crate::persist::Recovered, shards: usize) -> (Topology, Vec<
             tracing::warn!(exchange = %name, kind = %kind, "stored exchange has an unknown type; skipped");
             continue;
         };
-        if let Ok(next) = topo.declare_exchange(&ExchangeDecl { name: name.clone(), kind, durable: true }) {
+        if let Ok(next) = topo.declare_exchange(&ExchangeDecl {
+            name: name.clone(),
+            kind,
+            durable: true,
+        }) {
             topo = next;
         }
     }
@@ -1344,7 +1704,11 @@ pub fn rebuild(rec: crate::persist::Recovered, shards: usize) -> (Topology, Vec<
             durable: true,
             max_length: args.max_length,
             message_ttl_ms: args.message_ttl_ms,
-            overflow: args.overflow.as_deref().and_then(Overflow::parse).unwrap_or_default(),
+            overflow: args
+                .overflow
+                .as_deref()
+                .and_then(Overflow::parse)
+                .unwrap_or_default(),
             dead_letter_exchange: args.dead_letter_exchange.clone(),
         };
         let home = crate::routing::placement(name, shards);
@@ -1353,7 +1717,11 @@ pub fn rebuild(rec: crate::persist::Recovered, shards: usize) -> (Topology, Vec<
         }
     }
     for (exchange, queue, key) in &rec.bindings {
-        let d = BindingDecl { exchange: exchange.clone(), queue: queue.clone(), key: key.clone() };
+        let d = BindingDecl {
+            exchange: exchange.clone(),
+            queue: queue.clone(),
+            key: key.clone(),
+        };
         if let Ok(next) = topo.bind(&d) {
             topo = next;
         }
@@ -1361,7 +1729,9 @@ pub fn rebuild(rec: crate::persist::Recovered, shards: usize) -> (Topology, Vec<
     let mut restored = Vec::new();
     let mut ids = IdGen::new(usize::MAX >> 8);
     for (queue, messages) in rec.messages {
-        let Some(handle) = topo.queue(&queue).cloned() else { continue };
+        let Some(handle) = topo.queue(&queue).cloned() else {
+            continue;
+        };
         let messages = messages
             .into_iter()
             .map(|m| {

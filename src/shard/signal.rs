@@ -82,7 +82,12 @@ pub fn oneshot<T>() -> (OneshotTx<T>, OneshotRx<T>) {
         waker: None,
         closed: false,
     }));
-    (OneshotTx { inner: inner.clone() }, OneshotRx { inner })
+    (
+        OneshotTx {
+            inner: inner.clone(),
+        },
+        OneshotRx { inner },
+    )
 }
 
 impl<T> OneshotTx<T> {

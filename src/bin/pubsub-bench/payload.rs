@@ -1,0 +1,117 @@
+//! Timestamped payloads shared by `pubsub-bench` and the peer harness (`benches/peers`
+//! includes this file with `#[path]`), so every system carries byte-identical messages.
+//!
+//! A payload is the JSON object `{"t":<ns since the process epoch>,"s":<seq>,"p":"xx…"}`
+//! padded with `x` to exactly the requested size. The receiver finds `t` and `s` with a
+//! byte scan (no JSON parse) and computes publish→delivery latency against the same epoch,
+//! since publisher and subscriber live in one process.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+/// Smallest payload that still holds the two numbers and the padding key.
+pub const MIN_PAYLOAD: usize = 48;
+
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+/// Nanoseconds since the process-wide epoch (first call fixes the epoch).
+pub fn now_ns() -> u64 {
+    let epoch = EPOCH.get_or_init(Instant::now);
+    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Appends one payload of exactly `size` bytes (at least [`MIN_PAYLOAD`]) to `out`.
+pub fn write_payload(out: &mut Vec<u8>, t_ns: u64, seq: u64, size: usize) {
+    let start = out.len();
+    out.extend_from_slice(b"{\"t\":");
+    push_u64(out, t_ns);
+    out.extend_from_slice(b",\"s\":");
+    push_u64(out, seq);
+    out.extend_from_slice(b",\"p\":\"");
+    let used = out.len() - start + 2;
+    let pad = size.max(MIN_PAYLOAD).saturating_sub(used);
+    out.resize(out.len() + pad, b'x');
+    out.extend_from_slice(b"\"}");
+}
+
+/// Appends the decimal form of `v`.
+pub fn push_u64(out: &mut Vec<u8>, v: u64) {
+    let mut digits = [0u8; 20];
+    let mut n = v;
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        if let Some(d) = digits.get_mut(i) {
+            *d = b'0' + (n % 10) as u8;
+        }
+        n /= 10;
+        if n == 0 || i == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(digits.get(i..).unwrap_or(&[]));
+}
+
+/// Finds `"key"` in `hay` and parses the unsigned integer after its colon.
+pub fn num_after(hay: &[u8], key: &[u8]) -> Option<u64> {
+    let pos = find(hay, key)?;
+    let rest = hay.get(pos + key.len()..)?;
+    let mut i = 0;
+    while let Some(&b) = rest.get(i) {
+        if b == b':' || b == b' ' {
+            i += 1;
+        } else {
+            break;
+        }
+    }
+    let mut v: u64 = 0;
+    let mut any = false;
+    while let Some(&b) = rest.get(i) {
+        if !b.is_ascii_digit() {
+            break;
+        }
+        v = v.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+        any = true;
+        i += 1;
+    }
+    any.then_some(v)
+}
+
+/// Extracts `(t, s)` from a payload (or from any frame embedding one).
+pub fn stamp_of(hay: &[u8]) -> Option<(u64, u64)> {
+    Some((num_after(hay, b"\"t\"")?, num_after(hay, b"\"s\"")?))
+}
+
+/// Position of the first occurrence of `needle` in `hay`.
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    let first = *needle.first()?;
+    let last_start = hay.len() - needle.len();
+    let mut i = 0;
+    while i <= last_start {
+        let rel = hay.get(i..=last_start)?.iter().position(|&b| b == first)?;
+        i += rel;
+        if hay.get(i..i + needle.len()) == Some(needle) {
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_has_exact_size_and_round_trips() {
+        let mut out = Vec::new();
+        write_payload(&mut out, 123_456_789, 42, 128);
+        assert_eq!(out.len(), 128);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["t"], 123_456_789);
+        assert_eq!(stamp_of(&out), Some((123_456_789, 42)));
+    }
+}

@@ -1,0 +1,241 @@
+//! Result records and their two outputs, shared by `pubsub-bench` and the peer harness
+//! (`benches/peers` includes this file with `#[path]`): one JSON line per run and one
+//! Markdown table row, with the same keys and columns whatever the system measured.
+//!
+//! `scripts/bench-peers` collects the JSON lines and builds the comparison tables.
+
+use serde_json::{json, Map, Value};
+
+/// Latency percentiles in microseconds over a set of nanosecond samples.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Percentiles {
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+    pub samples: usize,
+}
+
+impl Percentiles {
+    /// Sorts `ns` in place and reads the nearest-rank percentiles off it.
+    pub fn from_ns(ns: &mut [u64]) -> Self {
+        ns.sort_unstable();
+        let at = |q: f64| -> f64 {
+            if ns.is_empty() {
+                return 0.0;
+            }
+            let rank = ((q * ns.len() as f64).ceil() as usize).clamp(1, ns.len());
+            ns.get(rank - 1).copied().unwrap_or(0) as f64 / 1000.0
+        };
+        Percentiles {
+            p50_us: at(0.50),
+            p90_us: at(0.90),
+            p99_us: at(0.99),
+            p999_us: at(0.999),
+            max_us: ns.last().copied().unwrap_or(0) as f64 / 1000.0,
+            samples: ns.len(),
+        }
+    }
+}
+
+/// One run of one scenario against one system.
+#[derive(Debug, Clone, Default)]
+pub struct Record {
+    /// `pubsub`, `nats` or `rabbitmq`.
+    pub system: String,
+    /// `throughput`, `fanout`, `latency`, `manual_ack`, `connections` or `durable`.
+    pub scenario: String,
+    /// Transport or store variant (`ws`, `http`, `sqlite`, `postgres`, …).
+    pub variant: String,
+    /// The headline rate: deliveries/s (summed over subscribers) or confirms/s.
+    pub msgs_per_sec: f64,
+    /// Messages the publisher(s) got accepted.
+    pub sent: u64,
+    /// Deliveries counted by the subscribers (or confirms for `durable`).
+    pub received: u64,
+    /// Expected deliveries minus received ones after the drain timeout.
+    pub lost: u64,
+    /// Latency summary (publish→delivery, or publish→confirm for `durable`).
+    pub lat: Percentiles,
+    /// Scenario-specific numbers (RSS per connection, publish rate, …).
+    pub extra: Map<String, Value>,
+}
+
+impl Record {
+    pub fn new(system: &str, scenario: &str, variant: &str) -> Self {
+        Record {
+            system: system.to_owned(),
+            scenario: scenario.to_owned(),
+            variant: variant.to_owned(),
+            ..Record::default()
+        }
+    }
+
+    /// Adds a scenario-specific number or string.
+    pub fn put(&mut self, key: &str, v: impl Into<Value>) {
+        self.extra.insert(key.to_owned(), v.into());
+    }
+
+    /// The one-line JSON form.
+    pub fn json(&self) -> String {
+        let mut m = Map::new();
+        m.insert("system".into(), json!(self.system));
+        m.insert("scenario".into(), json!(self.scenario));
+        m.insert("variant".into(), json!(self.variant));
+        m.insert("msgs_per_sec".into(), json!(round1(self.msgs_per_sec)));
+        m.insert("sent".into(), json!(self.sent));
+        m.insert("received".into(), json!(self.received));
+        m.insert("lost".into(), json!(self.lost));
+        m.insert("p50_us".into(), json!(round1(self.lat.p50_us)));
+        m.insert("p90_us".into(), json!(round1(self.lat.p90_us)));
+        m.insert("p99_us".into(), json!(round1(self.lat.p99_us)));
+        m.insert("p999_us".into(), json!(round1(self.lat.p999_us)));
+        m.insert("max_us".into(), json!(round1(self.lat.max_us)));
+        m.insert("samples".into(), json!(self.lat.samples));
+        for (k, v) in &self.extra {
+            m.insert(k.clone(), v.clone());
+        }
+        Value::Object(m).to_string()
+    }
+
+    /// The Markdown header matching [`Record::markdown_row`].
+    pub fn markdown_header() -> &'static str {
+        "| system | scenario | variant | msgs/s | p50 µs | p99 µs | p99.9 µs | max µs | lost | notes |\n\
+         | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+    }
+
+    /// One Markdown table row.
+    pub fn markdown_row(&self) -> String {
+        let notes: Vec<String> = self.extra.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!(
+            "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |",
+            self.system,
+            self.scenario,
+            self.variant,
+            self.msgs_per_sec,
+            self.lat.p50_us,
+            self.lat.p99_us,
+            self.lat.p999_us,
+            self.lat.max_us,
+            self.lost,
+            notes.join(" ")
+        )
+    }
+
+    /// Prints both forms to stdout (the JSON line first, so scripts can `grep '^{'`).
+    pub fn print(&self) {
+        println!("{}", self.json());
+        println!("{}", Self::markdown_header());
+        println!("{}", self.markdown_row());
+    }
+}
+
+fn round1(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the new soft limit.
+pub fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    if got != 0 {
+        return 0;
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: `lim` is a valid rlimit; raising the soft limit up to the hard one is allowed.
+    let set = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    if set != 0 {
+        return 0;
+    }
+    lim.rlim_cur
+}
+
+/// Resident set size of `pid` in KiB, from `/proc/<pid>/status` (`VmRSS`).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Resident set size of a process tree rooted at `pid` (RabbitMQ's beam has children).
+pub fn tree_rss_kib(pid: u32) -> Option<u64> {
+    let mut total = rss_kib(pid)?;
+    if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+        for c in children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<u32>().ok())
+        {
+            total += tree_rss_kib(c).unwrap_or(0);
+        }
+    }
+    Some(total)
+}
+
+/// Finds the pid of the process listening on TCP `port` on this machine through
+/// `/proc/net/tcp` (the socket inode) and `/proc/*/fd` (who holds it).
+pub fn pid_listening_on(port: u16) -> Option<u32> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(inode)) = (cols.get(1), cols.get(3), cols.get(9))
+            else {
+                continue;
+            };
+            // State 0A is LISTEN.
+            let p = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if *state == "0A" && p == Some(port) {
+                inodes.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                if inodes.iter().any(|i| target.as_os_str() == i.as_str()) {
+                    return Some(pid);
+                }
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_nearest_rank() {
+        let mut v: Vec<u64> = (1..=1000).map(|i| i * 1000).collect();
+        let p = Percentiles::from_ns(&mut v);
+        assert_eq!(p.p50_us, 500.0);
+        assert_eq!(p.p99_us, 990.0);
+        assert_eq!(p.p999_us, 999.0);
+        assert_eq!(p.max_us, 1000.0);
+    }
+}
