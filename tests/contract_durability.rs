@@ -158,3 +158,32 @@ fn deleted_durable_things_stay_deleted() {
     assert_eq!(s.queue_info("dq2")["durable"], true);
     assert_eq!(s.publish("dex", "a.b", &json!(1))["routed"], 0);
 }
+
+/// A durable declare on a freshly started server is answered (it waits for its commit,
+/// and that commit must come). Several servers start at once, as in a busy CI run.
+#[test]
+fn first_durable_declare_is_answered_on_fresh_servers() {
+    for _round in 0..2 {
+        let handles: Vec<_> = (0..6)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    let s = Server::start();
+                    let mut c = s.raw();
+                    let body = format!(r#"{{"name":"fresh{i}","type":"direct","durable":true}}"#);
+                    let started = std::time::Instant::now();
+                    let r = c.request("POST", "/exchanges", Some(&body));
+                    assert_eq!(r.status, 201, "{}", r.text());
+                    let r = c.request("POST", "/queues", Some(r#"{"name":"dq","durable":true}"#));
+                    assert_eq!(r.status, 201, "{}", r.text());
+                    started.elapsed()
+                })
+            })
+            .collect();
+        for h in handles {
+            let took = h
+                .join()
+                .expect("a durable declare was not answered (see its panic)");
+            assert!(took < RECV_TIMEOUT, "durable declares took {took:?}");
+        }
+    }
+}
