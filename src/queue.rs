@@ -349,11 +349,9 @@ impl QueueState {
 
     /// True when some ready message can expire (the shard's timer looks at these).
     pub fn may_expire(&self) -> bool {
-        !self.ready.is_empty()
-            && (self.handle.spec.message_ttl_ms.is_some()
-                || self.ready.iter().any(|e| e.expires_at.is_some()))
+        // Expiry happens at the head only (as in RabbitMQ), so the head decides.
+        self.ready.front().is_some_and(|e| e.expires_at.is_some())
     }
-
     /// Hands ready messages to consumers with credit, round robin.
     pub fn dispatch(&mut self, now: u64, fx: &mut Effects) {
         if self.consumers.is_empty() {

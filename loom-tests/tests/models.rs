@@ -181,8 +181,14 @@ fn mpsc_drop_leftovers() {
                 qp.push(lp.item(v));
             }
         });
-        if let Some(item) = q.pop() {
-            assert_eq!(item.v, 0);
+        // Up to two pops: the second may consume the block's last slot and retire
+        // the block while the producer installs the next one.
+        let mut next = 0;
+        for _ in 0..2 {
+            if let Some(item) = q.pop() {
+                assert_eq!(item.v, next, "out of order");
+                next += 1;
+            }
         }
         p.join().unwrap();
         drop(q);
@@ -190,24 +196,24 @@ fn mpsc_drop_leftovers() {
     });
 }
 
-/// Two threads popping at once (misuse, but must stay sound): no duplicate.
+/// Two threads popping at once (misuse, but must stay sound): the one item is
+/// taken exactly once. (Plain `usize` items: a duplicated `Item` would be a double
+/// free that crashes instead of failing the assertion.)
 #[test]
 fn mpsc_concurrent_poppers() {
     loom::model(|| {
-        let log = DropLog::new(1);
-        let q = Arc::new(MsgQueue::<Item>::new());
-        q.push(log.item(0));
+        let q = Arc::new(MsgQueue::<usize>::new());
+        q.push(7);
         let q2 = q.clone();
-        let other = thread::spawn(move || q2.pop().map(|i| i.v));
-        let mine = q.pop().map(|i| i.v);
+        let other = thread::spawn(move || q2.pop());
+        let mine = q.pop();
         let theirs = other.join().unwrap();
         assert_eq!(
             usize::from(mine.is_some()) + usize::from(theirs.is_some()),
             1,
-            "one item popped {mine:?} / {theirs:?}"
+            "one item popped as {mine:?} / {theirs:?}"
         );
-        drop(q);
-        log.assert_each_dropped_once();
+        assert!(q.pop().is_none());
     });
 }
 

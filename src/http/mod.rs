@@ -12,6 +12,11 @@
 //! and whatever follows stays there for the next call. The body is a zero-copy `Bytes` slice of
 //! the read buffer.
 //!
+//! Memory note for callers: a body `Bytes` (and a WebSocket payload from [`crate::ws`]) keeps
+//! the whole allocation of the read buffer it came from alive. Anything stored for long (a
+//! message waiting in a queue) should be copied out (`Bytes::copy_from_slice`) or accounted
+//! for at the size of the read chunk, not of the body.
+//!
 //! [`json`] holds the tiny JSON string escaper used for error bodies (and reused for WebSocket
 //! frames).
 
@@ -22,7 +27,9 @@ pub mod response;
 
 pub use error::HttpError;
 pub use request::{
-    parse_request, percent_decode, Limits, Method, Request, Version, MAX_BODY_BYTES, MAX_HEADERS,
-    MAX_HEAD_BYTES,
+    needs_continue, parse_request, percent_decode, Limits, Method, Request, Version,
+    MAX_BODY_BYTES, MAX_HEADERS, MAX_HEAD_BYTES,
 };
-pub use response::{reason_phrase, write_json_error, write_no_content, write_response};
+pub use response::{
+    reason_phrase, write_continue, write_json_error, write_no_content, write_response,
+};

@@ -171,6 +171,12 @@ pub fn write_json_error(
     out.put_slice(CLOSE);
 }
 
+/// Appends the interim `100 Continue` answer to a request with `Expect: 100-continue`
+/// (see [`crate::http::needs_continue`]).
+pub fn write_continue(out: &mut BytesMut) {
+    out.put_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+}
+
 /// Appends a `204 No Content` answer.
 pub fn write_no_content(out: &mut BytesMut, keep_alive: bool) {
     write_response(out, 204, None, &[], &[], keep_alive);
@@ -210,6 +216,13 @@ Content-Length: 11\r\n\r\n{\"ok\":true}"
             text(&out),
             "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn continue_is_bare() {
+        let mut out = BytesMut::new();
+        write_continue(&mut out);
+        assert_eq!(text(&out), "HTTP/1.1 100 Continue\r\n\r\n");
     }
 
     #[test]

@@ -98,6 +98,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         buffered_total: 0,
         written_total: 0,
         close_after_flush: false,
+        continue_sent: false,
         shard_header: shard.id.to_string(),
     };
     if over_limit {
@@ -126,6 +127,8 @@ struct Conn {
     buffered_total: u64,
     written_total: u64,
     close_after_flush: bool,
+    /// `100 Continue` already sent for the request being read.
+    continue_sent: bool,
     shard_header: String,
 }
 
@@ -306,8 +309,17 @@ impl Conn {
         let limits = self.http_limits();
         while matches!(self.proto, Proto::Http) && !self.close_after_flush {
             match http::parse_request(&mut self.rbuf, &limits) {
-                Ok(None) => break,
-                Ok(Some(req)) => self.handle_request(req).await,
+                Ok(None) => {
+                    if !self.continue_sent && http::needs_continue(&self.rbuf, &limits) {
+                        http::write_continue(&mut self.wbuf);
+                        self.continue_sent = true;
+                    }
+                    break;
+                }
+                Ok(Some(req)) => {
+                    self.continue_sent = false;
+                    self.handle_request(req).await
+                }
                 Err(e) => {
                     let msg = e.to_string();
                     self.http_error(e.status(), e.code(), &msg, false);

@@ -48,8 +48,9 @@
 //!   ordering each claimant's `tail.block` load before the next installer's store.
 //! * `head.popping` CAS `Acquire` / release store `Release`: the previous holder's
 //!   `head` writes are visible to the next holder.
-//! * `head.block` / `head.index` stores `Release` pair with `is_empty`'s `Acquire`
-//!   loads (another thread sees a published block pointer).
+//! * `head.index` then `head.block` stores `Release` pair with `is_empty`'s
+//!   `Acquire` loads of `head.block` then `head.index` (another thread that sees a
+//!   new block also sees its index).
 
 use super::shim::epoch::{self, Shared};
 use super::shim::UnsafeCell;
@@ -266,11 +267,14 @@ impl<T> MsgQueue<T> {
                 spin_loop();
                 next = block.next.load(Ordering::Acquire);
             }
-            // Release: pairs with `is_empty`'s Acquire loads on other threads.
-            self.head.block.store(next, Ordering::Release);
+            // Index first, then block, both Release: `is_empty` loads the block
+            // (Acquire) before the index, so seeing the new block implies seeing
+            // the new index; a torn read can only pair a new index with the old
+            // block, whose slots are all `ready`, i.e. err towards "not empty".
             self.head
                 .index
                 .store(head.wrapping_add(2), Ordering::Release);
+            self.head.block.store(next, Ordering::Release);
             let guard = epoch::pin();
             // SAFETY: the block is unlinked from `head.block` (stored above) and
             // `tail.block` (the installer moved it on); all its slots are consumed
@@ -288,7 +292,8 @@ impl<T> MsgQueue<T> {
     }
 
     /// True when the next item is not ready yet. Exact on the consumer's thread
-    /// (this is the check `Notify`'s park protocol needs); a hint elsewhere.
+    /// (this is the check `Notify`'s park protocol needs); on other threads a
+    /// hint, possibly stale, always memory-safe.
     pub fn is_empty(&self) -> bool {
         let _guard = epoch::pin();
         // Acquire pairs with the holder's Release stores in `pop`.
@@ -296,8 +301,8 @@ impl<T> MsgQueue<T> {
         let head = self.head.index.load(Ordering::Acquire);
         // SAFETY: non-null; loaded while pinned, and blocks are retired through
         // `defer_destroy` only after being unlinked, so it stays allocated until
-        // `_guard` drops. A torn pair (index newer than block) still indexes a live
-        // block in bounds; it only makes the answer stale.
+        // `_guard` drops. A torn pair (index newer than block, see `pop`) still
+        // indexes a live block in bounds; it only errs towards "not empty".
         let block = unsafe { &*block_ptr };
         match block.slots.get(head % LAP) {
             // Acquire pairs with `ready()`; in the park protocol this load follows the

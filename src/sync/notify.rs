@@ -21,7 +21,7 @@
 //!
 //! # Why no wake-up is lost (Dekker pairing)
 //!
-//! Consumer: store `parked = true` → **SeqCst fence F1** → load the source's
+//! Consumer: write `parked = true` → **SeqCst fence F1** → load the source's
 //! emptiness word. Producer: store the source's emptiness word (the ring's `tail`,
 //! the queue slot's `ready`) → **SeqCst fence F2** → load `parked`. All SeqCst
 //! fences are totally ordered. If F1 precedes F2, the producer's load of `parked`

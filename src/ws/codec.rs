@@ -161,7 +161,8 @@ impl Decoder {
             let length = usize::try_from(length).map_err(|_| WsError::Protocol("frame length"))?;
             let total = header_len + length;
             if buf.len() < total {
-                buf.reserve(total - buf.len());
+                // No `reserve` for the announced length: the caller's read loop grows the
+                // buffer as bytes actually arrive.
                 return Ok(None);
             }
 
@@ -650,6 +651,40 @@ mod tests {
         };
         assert_eq!(r.len(), 122);
         assert!(out.len() <= 2 + 125);
+    }
+
+    #[test]
+    fn mutated_and_random_input_never_panics() {
+        let mut valid = masked(0x01, b"frag");
+        valid.extend(masked(0x89, b"p"));
+        valid.extend(masked(0x80, b"ment"));
+        valid.extend(masked(0x88, &1000u16.to_be_bytes()));
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut events = 0;
+        for round in 0..20_000 {
+            let mut bytes = valid.clone();
+            if round % 4 == 0 {
+                let n = (next() % 64) as usize;
+                bytes = (0..n).map(|_| next() as u8).collect();
+            } else {
+                for _ in 0..(next() % 3 + 1) {
+                    let at = (next() as usize) % bytes.len();
+                    bytes[at] = next() as u8;
+                }
+            }
+            let mut dec = Decoder::new(1024);
+            let mut buf = BytesMut::from(&bytes[..]);
+            while let Ok(Some(_)) = dec.decode(&mut buf) {
+                events += 1;
+            }
+        }
+        assert!(events > 1_000, "only {events} events decoded");
     }
 
     #[test]
