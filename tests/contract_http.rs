@@ -94,6 +94,14 @@ fn binding_key_spellings_are_equivalent() {
         .count();
     assert_eq!(n, 1, "one binding expected: {all}");
     assert_eq!(s.publish("ex", "k", &json!(1))["routed"], 1);
+    // DELETE takes the same body as POST, so "Key" there too.
+    let r = s.req(
+        "DELETE",
+        "/bindings",
+        Some(r#"{"exchange_name":"ex","queue_name":"q","Key":"k"}"#),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    assert_eq!(s.publish("ex", "k", &json!(1))["routed"], 0);
 }
 
 fn payload_round_trip(payloads: &[&str]) {

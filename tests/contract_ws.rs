@@ -626,3 +626,41 @@ fn nack_multiple_requeues_in_order() {
     ws.expect_silence(QUIET);
     s.wait_queue_counts("q", 0, 3);
 }
+
+/// A consumer that does not read: its messages wait in the queue (counted as ready),
+/// not in an unbounded socket buffer, and all arrive in order once it reads again.
+#[test]
+fn slow_consumer_backs_up_in_its_queue() {
+    let s = Server::start();
+    s.topology("ex", "direct", "q", "k");
+    let mut slow = s.ws();
+    slow.subscribe("q");
+    const N: usize = 2000;
+    let filler = "x".repeat(16 * 1024);
+    let mut c = s.raw();
+    for batch in 0..(N / 100) {
+        let mut bytes = Vec::new();
+        for i in 0..100 {
+            let n = batch * 100 + i;
+            let payload = format!("{{\"n\":{n},\"f\":\"{filler}\"}}");
+            bytes.extend(build_request(
+                "POST",
+                "/publish",
+                Some(&publish_body("ex", "k", &payload, "")),
+            ));
+        }
+        c.send(&bytes);
+        for _ in 0..100 {
+            assert_eq!(c.read_response().status, 200);
+        }
+    }
+    // 32 MiB published; far more than socket buffers hold.
+    wait_until("messages wait in the queue", RECV_TIMEOUT, || {
+        s.queue_info("q")["messages_ready"].as_u64().unwrap_or(0) > 0
+    });
+    for n in 0..N as u64 {
+        let m = slow.expect_message();
+        assert_eq!(m["body"]["n"], n);
+    }
+    s.wait_queue_counts("q", 0, 0);
+}

@@ -8,7 +8,11 @@
 //! so that a broken server fails a test instead of hanging it; waiting for asynchronous
 //! effects is done by polling against a deadline ([`wait_until`]), never by long sleeps.
 //!
-//! The wire contract these helpers speak is `shared/protocol.md`.
+//! Every JSON body read through `json()` or `assert_error*()` must also carry
+//! `Content-Type: application/json`, as the contract says.
+//!
+//! The wire contract these helpers speak is `shared/protocol.md`. Set `PUBSUB_TEST_BIN`
+//! to run the suite against another build of the server (default: this crate's `pubsub`).
 #![allow(dead_code)]
 
 use std::collections::HashSet;
@@ -498,7 +502,9 @@ pub struct Resp {
 }
 
 impl Resp {
+    /// The body parsed as JSON; also asserts `Content-Type: application/json`.
     pub fn json(&self) -> Value {
+        assert_json_content_type(self.header("content-type"), &self.body);
         serde_json::from_str(&self.body)
             .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
     }
@@ -514,6 +520,7 @@ impl Resp {
     /// Asserts `status` and the contract's error body; returns `error.code`.
     pub fn assert_error(&self, status: u16) -> String {
         assert_eq!(self.status, status, "unexpected status: {self:?}");
+        assert_json_content_type(self.header("content-type"), &self.body);
         assert_error_body(&self.body)
     }
 
@@ -523,8 +530,18 @@ impl Resp {
             (400..500).contains(&self.status),
             "expected a 4xx answer: {self:?}"
         );
+        assert_json_content_type(self.header("content-type"), &self.body);
         assert_error_body(&self.body)
     }
+}
+
+/// Asserts that a JSON body was labelled `Content-Type: application/json`.
+pub fn assert_json_content_type(content_type: Option<&str>, body: &str) {
+    let ct = content_type.unwrap_or("").to_ascii_lowercase();
+    assert!(
+        ct.starts_with("application/json"),
+        "JSON body without Content-Type: application/json (got {content_type:?}): {body}"
+    );
 }
 
 /// Asserts `{"error":{"code":"<snake_case>","message":"<string>"}}`; returns the code.
@@ -575,7 +592,9 @@ impl RawResponse {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 
+    /// The body parsed as JSON; also asserts `Content-Type: application/json`.
     pub fn json(&self) -> Value {
+        assert_json_content_type(self.header("content-type"), &self.text());
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.text()))
     }
@@ -596,6 +615,7 @@ impl RawResponse {
             "unexpected status: {self:?} {}",
             self.text()
         );
+        assert_json_content_type(self.header("content-type"), &self.text());
         assert_error_body(&self.text())
     }
 }
