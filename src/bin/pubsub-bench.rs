@@ -889,6 +889,7 @@ fn connections(a: &Args, tag: &str) -> Result<Record> {
     let deadline = Instant::now() + HARD_RUN_LIMIT;
     let failures = Arc::new(AtomicU64::new(0));
     let mut handles = Vec::new();
+    let t0 = Instant::now();
     for ti in 0..threads {
         let share = n / threads + usize::from(ti < n % threads);
         let (addr, ex2, stop2, conn2, fail2) = (
@@ -930,6 +931,8 @@ fn connections(a: &Args, tag: &str) -> Result<Record> {
     connected.wait();
     let failed = failures.load(Ordering::Relaxed);
     let subscribed = n as u64 - failed;
+    let connect_secs = t0.elapsed().as_secs_f64();
+    eprintln!("connections: {subscribed} subscribed ({failed} failed) in {connect_secs:.1} s");
     thread::sleep(Duration::from_millis(1000));
     let rss_after = pid.and_then(report::tree_rss_kib);
     let po = publish(
@@ -974,6 +977,7 @@ fn connections(a: &Args, tag: &str) -> Result<Record> {
         .collect();
     rec.lat = Percentiles::from_ns(&mut last);
     rec.put("subscribers", subscribed);
+    rec.put("connect_secs", (connect_secs * 10.0).round() / 10.0);
     rec.put("failed_subscribers", failed);
     rec.put("broadcasts", accepted);
     rec.put("closed_by_server", arr.closed);

@@ -232,11 +232,8 @@ impl Reader {
             }
             let body = self.buf.get(start..start + len).unwrap_or(&[]);
             match op {
-                OP_TEXT if fin => {
-                    if !on_text(body) {
-                        return Ok(ReadState::Open);
-                    }
-                }
+                OP_TEXT if fin && !on_text(body) => return Ok(ReadState::Open),
+                OP_TEXT if fin => {}
                 OP_TEXT => {
                     self.frag.clear();
                     self.frag.extend_from_slice(body);
