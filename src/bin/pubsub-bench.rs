@@ -127,7 +127,8 @@ struct Args {
     /// Messages per publisher write in count mode.
     #[arg(long, default_value_t = 256)]
     batch: usize,
-    /// How long to wait for stragglers after the last publish.
+    /// Once publishing is over, how long a subscriber waits without any delivery before
+    /// it counts the missing messages as lost.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     drain_timeout: Duration,
     /// Server pid for RSS (found through the listening port when absent).
@@ -567,7 +568,8 @@ struct SubOut {
 }
 
 /// Subscribes to `queue` and counts deliveries until `target` (set by the publisher once
-/// it knows how many went out) is reached or the drain timeout passes.
+/// it knows how many went out) is reached, or nothing arrived for the drain timeout after
+/// the publisher finished.
 fn subscriber(
     a: &Args,
     queue: &str,
@@ -657,8 +659,9 @@ fn subscriber(
         if out.received >= target.load(Ordering::Acquire) {
             break;
         }
+        // Stragglers: stop once nothing arrived for the drain timeout after publishing.
         let done = pub_done_ns.load(Ordering::Acquire);
-        if done > 0 && now_ns() > done + drain_ns {
+        if done > 0 && now_ns() > done.max(out.last_ns) + drain_ns {
             break;
         }
         if Instant::now() > hard_end {

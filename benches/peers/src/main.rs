@@ -278,12 +278,14 @@ struct Stop {
 }
 
 impl Stop {
-    fn reached(&self, received: u64) -> bool {
+    /// All expected arrived, or publishing is over and nothing arrived for the drain
+    /// timeout (since `last_ns`, the latest delivery), or the hard limit passed.
+    fn reached(&self, received: u64, last_ns: u64) -> bool {
         if received >= self.target.load(Ordering::Acquire) || Instant::now() > self.hard_end {
             return true;
         }
         let d = self.pub_done_ns.load(Ordering::Acquire);
-        d > 0 && now_ns() > d + self.drain_ns
+        d > 0 && now_ns() > d.max(last_ns) + self.drain_ns
     }
 }
 
@@ -431,7 +433,7 @@ fn nats_sub(a: &Args, subject: &str, ready: &Gate, stop: &Stop) -> Result<SubOut
         ..SubOut::default()
     };
     let mut next = 0;
-    while !stop.reached(out.received) {
+    while !stop.reached(out.received, out.last_ns) {
         if let Ok(m) = sub.next_timeout(Duration::from_millis(50)) {
             out.see(&m.data, &mut next);
             while let Some(m) = sub.try_next() {
@@ -527,7 +529,7 @@ fn nats_raw_run_sub(a: &Args, subject: &str, ready: &Gate, stop: &Stop) -> Resul
     let mut chunk = vec![0u8; 256 * 1024];
     let mut reply = Vec::new();
     let mut next = 0u64;
-    while !stop.reached(out.received) {
+    while !stop.reached(out.received, out.last_ns) {
         match s.read(&mut chunk) {
             Ok(0) => break,
             Ok(n) => {
@@ -843,7 +845,7 @@ fn rabbit_sub(a: &Args, queue: &str, ready: &Gate, stop: &Stop) -> Result<SubOut
     let mut next = 0;
     let mut unacked = 0u64;
     let mut pending_ack = None;
-    while !stop.reached(out.received) {
+    while !stop.reached(out.received, out.last_ns) {
         match consumer.receiver().recv_timeout(Duration::from_millis(50)) {
             Ok(ConsumerMessage::Delivery(d)) => {
                 out.see(&d.body, &mut next);
