@@ -127,7 +127,8 @@ struct Args {
     /// Messages per publisher write in count mode.
     #[arg(long, default_value_t = 256)]
     batch: usize,
-    /// How long to wait for stragglers after the last publish.
+    /// Once publishing is over, how long a subscriber waits without any delivery before
+    /// it counts the missing messages as lost.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     drain_timeout: Duration,
     /// Server pid for RSS (found through the listening port when absent).
@@ -567,7 +568,8 @@ struct SubOut {
 }
 
 /// Subscribes to `queue` and counts deliveries until `target` (set by the publisher once
-/// it knows how many went out) is reached or the drain timeout passes.
+/// it knows how many went out) is reached, or nothing arrived for the drain timeout after
+/// the publisher finished.
 fn subscriber(
     a: &Args,
     queue: &str,
@@ -657,8 +659,9 @@ fn subscriber(
         if out.received >= target.load(Ordering::Acquire) {
             break;
         }
+        // Stragglers: stop once nothing arrived for the drain timeout after publishing.
         let done = pub_done_ns.load(Ordering::Acquire);
-        if done > 0 && now_ns() > done + drain_ns {
+        if done > 0 && now_ns() > done.max(out.last_ns) + drain_ns {
             break;
         }
         if Instant::now() > hard_end {
@@ -889,6 +892,7 @@ fn connections(a: &Args, tag: &str) -> Result<Record> {
     let deadline = Instant::now() + HARD_RUN_LIMIT;
     let failures = Arc::new(AtomicU64::new(0));
     let mut handles = Vec::new();
+    let t0 = Instant::now();
     for ti in 0..threads {
         let share = n / threads + usize::from(ti < n % threads);
         let (addr, ex2, stop2, conn2, fail2) = (
@@ -930,6 +934,8 @@ fn connections(a: &Args, tag: &str) -> Result<Record> {
     connected.wait();
     let failed = failures.load(Ordering::Relaxed);
     let subscribed = n as u64 - failed;
+    let connect_secs = t0.elapsed().as_secs_f64();
+    eprintln!("connections: {subscribed} subscribed ({failed} failed) in {connect_secs:.1} s");
     thread::sleep(Duration::from_millis(1000));
     let rss_after = pid.and_then(report::tree_rss_kib);
     let po = publish(
@@ -974,6 +980,7 @@ fn connections(a: &Args, tag: &str) -> Result<Record> {
         .collect();
     rec.lat = Percentiles::from_ns(&mut last);
     rec.put("subscribers", subscribed);
+    rec.put("connect_secs", (connect_secs * 10.0).round() / 10.0);
     rec.put("failed_subscribers", failed);
     rec.put("broadcasts", accepted);
     rec.put("closed_by_server", arr.closed);

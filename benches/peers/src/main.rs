@@ -54,6 +54,10 @@ use report::{Percentiles, Record};
 const EXIT_NOT_APPLICABLE: u8 = 4;
 /// Idle connections one thread opens in `connections` (they are opened in parallel).
 const CONNECT_THREADS: usize = 8;
+/// RabbitMQ connection handshakes in flight at once in `connections`.
+const OPEN_IN_FLIGHT: u64 = 64;
+/// How long `connections` waits for all RabbitMQ subscribers to be set up.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Stack of the per-connection RabbitMQ consumer threads in `connections`.
 const SMALL_STACK: usize = 128 * 1024;
 
@@ -274,12 +278,14 @@ struct Stop {
 }
 
 impl Stop {
-    fn reached(&self, received: u64) -> bool {
+    /// All expected arrived, or publishing is over and nothing arrived for the drain
+    /// timeout (since `last_ns`, the latest delivery), or the hard limit passed.
+    fn reached(&self, received: u64, last_ns: u64) -> bool {
         if received >= self.target.load(Ordering::Acquire) || Instant::now() > self.hard_end {
             return true;
         }
         let d = self.pub_done_ns.load(Ordering::Acquire);
-        d > 0 && now_ns() > d + self.drain_ns
+        d > 0 && now_ns() > d.max(last_ns) + self.drain_ns
     }
 }
 
@@ -427,7 +433,7 @@ fn nats_sub(a: &Args, subject: &str, ready: &Gate, stop: &Stop) -> Result<SubOut
         ..SubOut::default()
     };
     let mut next = 0;
-    while !stop.reached(out.received) {
+    while !stop.reached(out.received, out.last_ns) {
         if let Ok(m) = sub.next_timeout(Duration::from_millis(50)) {
             out.see(&m.data, &mut next);
             while let Some(m) = sub.try_next() {
@@ -523,7 +529,7 @@ fn nats_raw_run_sub(a: &Args, subject: &str, ready: &Gate, stop: &Stop) -> Resul
     let mut chunk = vec![0u8; 256 * 1024];
     let mut reply = Vec::new();
     let mut next = 0u64;
-    while !stop.reached(out.received) {
+    while !stop.reached(out.received, out.last_ns) {
         match s.read(&mut chunk) {
             Ok(0) => break,
             Ok(n) => {
@@ -646,6 +652,7 @@ fn nats_connections(a: &Args, tag: &str) -> Result<Record> {
     let failures = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + HARD_RUN_LIMIT;
     let mut handles = Vec::new();
+    let t0 = Instant::now();
     for ti in 0..threads {
         let share = n / threads + usize::from(ti < n % threads);
         let (addr, subj, stop2, conn2, fail2) = (
@@ -673,6 +680,11 @@ fn nats_connections(a: &Args, tag: &str) -> Result<Record> {
     }
     connected.wait();
     let failed = failures.load(Ordering::Relaxed);
+    let connect_secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "connections: {} subscribed ({failed} failed) in {connect_secs:.1} s",
+        n as u64 - failed
+    );
     thread::sleep(Duration::from_millis(1000));
     let rss_after = pid.and_then(report::rss_kib);
     let plan = Plan::Every {
@@ -707,6 +719,7 @@ fn nats_connections(a: &Args, tag: &str) -> Result<Record> {
             end,
             rss: (rss_before, rss_after),
             pid,
+            connect_secs,
         },
     )
 }
@@ -721,6 +734,7 @@ struct ConnOutcome {
     end: u64,
     rss: (Option<u64>, Option<u64>),
     pid: Option<u32>,
+    connect_secs: f64,
 }
 
 fn connections_record(system: &str, variant: &str, o: ConnOutcome) -> Result<Record> {
@@ -740,6 +754,7 @@ fn connections_record(system: &str, variant: &str, o: ConnOutcome) -> Result<Rec
         .collect();
     rec.lat = Percentiles::from_ns(&mut last);
     rec.put("subscribers", subscribed);
+    rec.put("connect_secs", (o.connect_secs * 10.0).round() / 10.0);
     rec.put("failed_subscribers", o.failed);
     rec.put("broadcasts", o.sent);
     rec.put("closed_by_server", o.arr.closed);
@@ -830,7 +845,7 @@ fn rabbit_sub(a: &Args, queue: &str, ready: &Gate, stop: &Stop) -> Result<SubOut
     let mut next = 0;
     let mut unacked = 0u64;
     let mut pending_ack = None;
-    while !stop.reached(out.received) {
+    while !stop.reached(out.received, out.last_ns) {
         match consumer.receiver().recv_timeout(Duration::from_millis(50)) {
             Ok(ConsumerMessage::Delivery(d)) => {
                 out.see(&d.body, &mut next);
@@ -1002,6 +1017,8 @@ fn rabbit_connections(a: &Args, tag: &str) -> Result<Record> {
     // Open the connections from a few threads; each subscriber then gets a small thread
     // blocking on its consumer (amiquip runs one I/O thread per connection anyway).
     let mut openers = Vec::new();
+    let t0 = Instant::now();
+    let open_deadline = t0 + OPEN_TIMEOUT;
     let subs: Arc<Mutex<Vec<thread::JoinHandle<()>>>> = Arc::default();
     for ti in 0..CONNECT_THREADS {
         let share = n / CONNECT_THREADS + usize::from(ti < n % CONNECT_THREADS);
@@ -1046,10 +1063,14 @@ fn rabbit_connections(a: &Args, tag: &str) -> Result<Record> {
                         ready2.fetch_add(1, Ordering::Release);
                     }
                 }
-                // Pace connection opening so the broker's accept queue is not overrun.
-                while ready2.load(Ordering::Acquire) + 64
+                // Pace connection opening so the broker's accept queue is not overrun;
+                // a broker out of sockets never answers, so give up at the deadline.
+                while ready2.load(Ordering::Acquire) + OPEN_IN_FLIGHT
                     < (subs2.lock().map(|g| g.len()).unwrap_or(0) as u64)
                 {
+                    if Instant::now() > open_deadline {
+                        return;
+                    }
                     thread::sleep(Duration::from_millis(1));
                 }
             }
@@ -1058,12 +1079,16 @@ fn rabbit_connections(a: &Args, tag: &str) -> Result<Record> {
     for o in openers {
         let _ = o.join();
     }
-    let open_deadline = Instant::now() + Duration::from_secs(120);
     while ready.load(Ordering::Acquire) < n as u64 && Instant::now() < open_deadline {
         thread::sleep(Duration::from_millis(20));
     }
     let failed =
         failures.load(Ordering::Relaxed) + (n as u64).saturating_sub(ready.load(Ordering::Acquire));
+    let connect_secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "connections: {} subscribed ({failed} failed) in {connect_secs:.1} s",
+        n as u64 - failed
+    );
     thread::sleep(Duration::from_millis(1000));
     let rss_after = pid.and_then(report::tree_rss_kib);
     let plan = Plan::Every {
@@ -1079,8 +1104,16 @@ fn rabbit_connections(a: &Args, tag: &str) -> Result<Record> {
         .lock()
         .map(|mut g| std::mem::take(&mut *g))
         .unwrap_or_default();
+    // Subscribers stuck in a handshake the broker never answers are left to the process
+    // exit; the others see `stop` within their receive timeout.
+    let join_end = Instant::now() + Duration::from_secs(10);
     for h in handles {
-        let _ = h.join();
+        while !h.is_finished() && Instant::now() < join_end {
+            thread::sleep(Duration::from_millis(10));
+        }
+        if h.is_finished() {
+            let _ = h.join();
+        }
     }
     rabbit_teardown(setup, &ex, &[]);
     let sent = sent?;
@@ -1100,6 +1133,7 @@ fn rabbit_connections(a: &Args, tag: &str) -> Result<Record> {
             end,
             rss: (rss_before, rss_after),
             pid,
+            connect_secs,
         },
     )
 }

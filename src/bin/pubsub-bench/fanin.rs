@@ -18,8 +18,10 @@ use super::payload::now_ns;
 
 /// Bytes read from one socket per `read` call.
 const READ_CHUNK: usize = 64 * 1024;
-/// How long one `poll` waits before the stop flag is checked again.
+/// How long one `epoll_wait` waits before the stop flag is checked again.
 const POLL_TIMEOUT_MS: i32 = 20;
+/// Ready events taken per `epoll_wait`.
+const EVENTS_PER_WAIT: usize = 1024;
 
 /// A per-connection protocol parser.
 pub trait Proto: Send {
@@ -91,35 +93,57 @@ pub fn poll_loop<P: Proto>(
     max_seq: usize,
 ) -> Arrivals {
     let mut arr = Arrivals::with_len(max_seq);
-    let mut fds: Vec<libc::pollfd> = conns
-        .iter()
-        .map(|(s, _)| {
-            let _ = s.set_nonblocking(true);
-            libc::pollfd {
-                fd: s.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
+    // SAFETY: epoll_create1 takes a flags integer and returns a new descriptor or -1.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if ep < 0 {
+        arr.closed = conns.len() as u64;
+        return arr;
+    }
+    let mut open = vec![true; conns.len()];
+    for (i, (s, _)) in conns.iter().enumerate() {
+        let _ = s.set_nonblocking(true);
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: i as u64,
+        };
+        // SAFETY: `ep` is our epoll descriptor, the fd is owned by a live TcpStream and
+        // `ev` is a valid event struct for the duration of the call.
+        let rc = unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev) };
+        if rc != 0 {
+            if let Some(o) = open.get_mut(i) {
+                *o = false;
             }
-        })
-        .collect();
+            arr.closed += 1;
+        }
+    }
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT];
     let mut buf = vec![0u8; READ_CHUNK];
     let mut out = Vec::new();
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-        // SAFETY: `fds` is a live, exclusively borrowed array of `fds.len()` pollfd structs.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, POLL_TIMEOUT_MS) };
-        if n <= 0 {
-            continue;
-        }
-        for (pfd, (sock, proto)) in fds.iter_mut().zip(conns.iter_mut()) {
-            if pfd.revents == 0 || pfd.fd < 0 {
+        // SAFETY: `events` is a live buffer of EVENTS_PER_WAIT entries that the kernel fills.
+        let n = unsafe {
+            libc::epoll_wait(
+                ep,
+                events.as_mut_ptr(),
+                EVENTS_PER_WAIT as i32,
+                POLL_TIMEOUT_MS,
+            )
+        };
+        let ready = usize::try_from(n).unwrap_or(0);
+        for ev in events.iter().take(ready) {
+            let Ok(i) = usize::try_from(ev.u64) else {
+                continue;
+            };
+            let (Some((sock, proto)), Some(is_open)) = (conns.get_mut(i), open.get_mut(i)) else {
+                continue;
+            };
+            if !*is_open {
                 continue;
             }
-            pfd.revents = 0;
             loop {
                 match sock.read(&mut buf) {
                     Ok(0) => {
-                        pfd.fd = -1;
-                        arr.closed += 1;
+                        *is_open = false;
                         break;
                     }
                     Ok(k) => {
@@ -139,13 +163,29 @@ pub fn poll_loop<P: Proto>(
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
                     Err(_) => {
-                        pfd.fd = -1;
-                        arr.closed += 1;
+                        *is_open = false;
                         break;
                     }
                 }
             }
+            if !*is_open {
+                arr.closed += 1;
+                // SAFETY: removing a registered fd from our epoll set; the event pointer
+                // may be null for EPOLL_CTL_DEL on Linux ≥ 2.6.9.
+                unsafe {
+                    libc::epoll_ctl(
+                        ep,
+                        libc::EPOLL_CTL_DEL,
+                        sock.as_raw_fd(),
+                        std::ptr::null_mut(),
+                    );
+                }
+            }
         }
+    }
+    // SAFETY: `ep` is the epoll descriptor created above and closed exactly once here.
+    unsafe {
+        libc::close(ep);
     }
     arr
 }
