@@ -34,8 +34,13 @@ use crate::ws;
 
 use super::{BrokerError, ConnEvent, ConnInbox, Shard, ShardMsg};
 
-/// Bytes asked of the socket per read.
-const READ_CHUNK: usize = 64 * 1024;
+/// Bytes asked of the socket per read at first; doubled while reads fill it.
+const MIN_READ_CHUNK: usize = 4 * 1024;
+/// Largest read.
+const MAX_READ_CHUNK: usize = 64 * 1024;
+/// An idle connection keeps buffers up to this size; larger ones are given back, so a
+/// quiet subscriber costs a few KiB, not the high-water mark of its busiest moment.
+const IDLE_BUFFER_KEEP: usize = 16 * 1024;
 /// Past this much unwritten output, stop reading requests (the client must read).
 const WRITE_HIGH_WATER: usize = 1024 * 1024;
 /// Room for the JSON around a payload in a request body or frame.
@@ -92,8 +97,9 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         stream,
         id,
         inbox,
-        rbuf: BytesMut::with_capacity(READ_CHUNK),
-        wbuf: BytesMut::with_capacity(READ_CHUNK),
+        rbuf: BytesMut::new(),
+        wbuf: BytesMut::new(),
+        read_chunk: MIN_READ_CHUNK,
         proto: Proto::Http,
         buffered_total: 0,
         written_total: 0,
@@ -123,6 +129,8 @@ struct Conn {
     inbox: Rc<ConnInbox>,
     rbuf: BytesMut,
     wbuf: BytesMut,
+    /// Bytes asked of the next read.
+    read_chunk: usize,
     proto: Proto,
     buffered_total: u64,
     written_total: u64,
@@ -152,6 +160,7 @@ impl Conn {
             }
             self.process_events();
             self.check_idle();
+            self.trim_buffers();
             if self.close_after_flush && self.wbuf.is_empty() {
                 return Ok(());
             }
@@ -168,6 +177,8 @@ impl Conn {
 
     /// Waits for bytes to read, progress writing, or mailbox events.
     async fn wait(&mut self) -> io::Result<Wake> {
+        let chunk = self.read_chunk;
+        let mut read_n = 0usize;
         let Conn {
             stream,
             rbuf,
@@ -197,7 +208,7 @@ impl Conn {
             }
             if reading {
                 let len = rbuf.len();
-                rbuf.resize(len + READ_CHUNK, 0);
+                rbuf.resize(len + chunk, 0);
                 let r = match rbuf.get_mut(len..) {
                     Some(spare) => Pin::new(&mut *stream).poll_read(cx, spare),
                     None => Poll::Ready(Ok(0)),
@@ -209,6 +220,7 @@ impl Conn {
                     }
                     Poll::Ready(Ok(n)) => {
                         rbuf.truncate(len + n);
+                        read_n = n;
                         return Poll::Ready(Ok(Wake::Read));
                     }
                     Poll::Ready(Err(e)) => {
@@ -227,8 +239,24 @@ impl Conn {
         }
         if matches!(wake, Wake::Read) {
             self.inbox.last_rx.set(now_ms());
+            // A full read asks for more next time; a small one goes back to small.
+            if read_n >= chunk && chunk < MAX_READ_CHUNK {
+                self.read_chunk = chunk * 2;
+            } else if read_n < chunk / 4 {
+                self.read_chunk = MIN_READ_CHUNK;
+            }
         }
         Ok(wake)
+    }
+
+    /// Gives back large buffers once they are empty.
+    fn trim_buffers(&mut self) {
+        if self.rbuf.is_empty() && self.rbuf.capacity() > IDLE_BUFFER_KEEP {
+            self.rbuf = BytesMut::new();
+        }
+        if self.wbuf.is_empty() && self.wbuf.capacity() > IDLE_BUFFER_KEEP {
+            self.wbuf = BytesMut::new();
+        }
     }
 
     async fn flush_all(&mut self) -> io::Result<()> {
