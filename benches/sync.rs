@@ -9,7 +9,7 @@
 //!   move the same total from two producer threads to one consumer.
 //!
 //! Run: `cargo bench --bench sync`; results and analysis in
-//! `docs/benchmarks-sync.md`.
+//! `docs/benchmarks.md`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use crossbeam_queue::{ArrayQueue, SegQueue};
