@@ -12,7 +12,7 @@
 //! and the counters `GET /queues` reads. The queue's mutable state (ready list,
 //! consumers, unacked messages) lives only on its home shard, in [`crate::queue`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -201,9 +201,8 @@ impl TopicNode {
                 _ => node.words.entry(Box::from(w)).or_default(),
             };
         }
-        if !node.queues.iter().any(|x| x.id == q.id) {
-            node.queues.push(q.clone());
-        }
+        // The caller passes each (pattern, queue) once.
+        node.queues.push(q.clone());
     }
 
     fn collect<'a>(&'a self, key: &[&str], out: &mut Vec<&'a Arc<QueueHandle>>) {
@@ -276,21 +275,24 @@ impl Exchange {
         durable: bool,
         bindings: Vec<Binding>,
     ) -> Self {
+        // Each queue once per key (direct), once overall (fanout) or once per pattern
+        // (topic): a set of what is in already keeps a rebuild linear in the bindings.
         let index = match kind {
             ExchangeKind::Direct => {
                 let mut m: HashMap<Arc<str>, Vec<Arc<QueueHandle>>> = HashMap::new();
+                let mut seen: HashSet<(&str, u64)> = HashSet::with_capacity(bindings.len());
                 for b in &bindings {
-                    let v = m.entry(b.key.clone()).or_default();
-                    if !v.iter().any(|q| q.id == b.queue.id) {
-                        v.push(b.queue.clone());
+                    if seen.insert((&b.key, b.queue.id)) {
+                        m.entry(b.key.clone()).or_default().push(b.queue.clone());
                     }
                 }
                 Index::Direct(m)
             }
             ExchangeKind::Fanout => {
-                let mut v: Vec<Arc<QueueHandle>> = Vec::new();
+                let mut v: Vec<Arc<QueueHandle>> = Vec::with_capacity(bindings.len());
+                let mut seen: HashSet<u64> = HashSet::with_capacity(bindings.len());
                 for b in &bindings {
-                    if !v.iter().any(|q| q.id == b.queue.id) {
+                    if seen.insert(b.queue.id) {
                         v.push(b.queue.clone());
                     }
                 }
@@ -298,8 +300,11 @@ impl Exchange {
             }
             ExchangeKind::Topic => {
                 let mut t = TopicNode::default();
+                let mut seen: HashSet<(&str, u64)> = HashSet::with_capacity(bindings.len());
                 for b in &bindings {
-                    t.insert(&b.key, &b.queue);
+                    if seen.insert((&b.key, b.queue.id)) {
+                        t.insert(&b.key, &b.queue);
+                    }
                 }
                 Index::Topic(t)
             }
