@@ -109,6 +109,26 @@ impl Effects {
     }
 }
 
+/// How [`QueueState::finish`] ends the deliveries it takes.
+#[derive(Clone, Copy)]
+enum Outcome {
+    /// Acked or written: gone for good.
+    Settle,
+    /// Back to the head of the queue; `mark` sets `redelivered`.
+    Requeue { mark: bool },
+    /// Rejected: dead-lettered or dropped.
+    Discard,
+}
+
+/// The deliveries an `ACK`/`NACK` names: one, or all up to `dseq`.
+fn take_acked(u: &mut Unacked, dseq: u64, through: bool, out: &mut Vec<Entry>) {
+    if through {
+        u.take_through(dseq, out);
+    } else if let Some(e) = u.take(dseq) {
+        out.push(e);
+    }
+}
+
 /// Outstanding deliveries of one consumer, indexed by delivery sequence.
 #[derive(Debug, Default)]
 struct Unacked {
@@ -480,40 +500,52 @@ impl QueueState {
         }
     }
 
-    /// Settles deliveries: `ACK` of one (`through == false`) or of all up to `dseq`.
-    pub fn ack(&mut self, id: ConsumerId, dseq: u64, through: bool, fx: &mut Effects) {
+    /// Takes some of a consumer's outstanding deliveries (`take` picks them) and ends
+    /// them as `outcome` says; then forgets a cancelled consumer left with nothing
+    /// outstanding and publishes the counts. Every settlement goes through here.
+    fn finish(
+        &mut self,
+        id: ConsumerId,
+        take: impl FnOnce(&mut Unacked, &mut Vec<Entry>),
+        outcome: Outcome,
+        fx: &mut Effects,
+    ) {
         let mut done = std::mem::take(&mut self.scratch);
         done.clear();
         if let Some(c) = self.consumer_mut(id) {
-            if through {
-                c.unacked.take_through(dseq, &mut done);
-            } else if let Some(e) = c.unacked.take(dseq) {
-                done.push(e);
-            }
+            take(&mut c.unacked, &mut done);
         }
-        self.unacked_total -= done.len().min(self.unacked_total);
-        for e in done.drain(..) {
-            self.settled(e, fx);
+        match outcome {
+            Outcome::Requeue { mark } => self.requeue_front(&mut done, mark),
+            Outcome::Settle | Outcome::Discard => {
+                self.unacked_total -= done.len().min(self.unacked_total);
+                for e in done.drain(..) {
+                    if matches!(outcome, Outcome::Settle) {
+                        self.settled(e, fx);
+                    } else {
+                        self.discard(e, true, fx);
+                    }
+                }
+            }
         }
         self.scratch = done;
         self.reap(id);
         self.publish_counts();
     }
 
+    /// Settles deliveries: `ACK` of one (`through == false`) or of all up to `dseq`.
+    pub fn ack(&mut self, id: ConsumerId, dseq: u64, through: bool, fx: &mut Effects) {
+        self.finish(
+            id,
+            |u, out| take_acked(u, dseq, through, out),
+            Outcome::Settle,
+            fx,
+        );
+    }
+
     /// Auto-ack settlement: the oldest `n` deliveries were written to the socket.
     pub fn written(&mut self, id: ConsumerId, n: usize, fx: &mut Effects) {
-        let mut done = std::mem::take(&mut self.scratch);
-        done.clear();
-        if let Some(c) = self.consumer_mut(id) {
-            c.unacked.take_oldest(n, &mut done);
-        }
-        self.unacked_total -= done.len().min(self.unacked_total);
-        for e in done.drain(..) {
-            self.settled(e, fx);
-        }
-        self.scratch = done;
-        self.reap(id);
-        self.publish_counts();
+        self.finish(id, |u, out| u.take_oldest(n, out), Outcome::Settle, fx);
     }
 
     /// `NACK`: back to the queue head (marked redelivered) or dead-lettered / dropped.
@@ -525,44 +557,21 @@ impl QueueState {
         requeue: bool,
         fx: &mut Effects,
     ) {
-        let mut done = std::mem::take(&mut self.scratch);
-        done.clear();
-        if let Some(c) = self.consumer_mut(id) {
-            if through {
-                c.unacked.take_through(dseq, &mut done);
-            } else if let Some(e) = c.unacked.take(dseq) {
-                done.push(e);
-            }
-        }
-        if requeue {
-            self.requeue_front(&mut done, true);
+        let outcome = if requeue {
+            Outcome::Requeue { mark: true }
         } else {
-            self.unacked_total -= done.len().min(self.unacked_total);
-            for e in done.drain(..) {
-                self.discard(e, true, fx);
-            }
-        }
-        self.scratch = done;
-        self.reap(id);
-        self.publish_counts();
+            Outcome::Discard
+        };
+        self.finish(id, |u, out| take_acked(u, dseq, through, out), outcome, fx);
     }
 
     /// Deliveries that never reached the socket (the connection was gone): back to the
     /// head, flags unchanged.
-    pub fn returned(&mut self, id: ConsumerId, dseqs: &[u64]) {
-        let mut back = std::mem::take(&mut self.scratch);
-        back.clear();
-        if let Some(c) = self.consumer_mut(id) {
-            for d in dseqs {
-                if let Some(e) = c.unacked.take(*d) {
-                    back.push(e);
-                }
-            }
-        }
-        self.requeue_front(&mut back, false);
-        self.scratch = back;
-        self.reap(id);
-        self.publish_counts();
+    pub fn returned(&mut self, id: ConsumerId, dseqs: &[u64], fx: &mut Effects) {
+        let take = |u: &mut Unacked, out: &mut Vec<Entry>| {
+            out.extend(dseqs.iter().filter_map(|d| u.take(*d)));
+        };
+        self.finish(id, take, Outcome::Requeue { mark: false }, fx);
     }
 
     /// `POST /queues/{name}/purge`: drops ready messages, keeps unacked ones.
@@ -797,7 +806,7 @@ mod tests {
         assert_eq!(q.handle().unacked.load(Ordering::Relaxed), 3);
         q.written(cid(1), 2, &mut fx);
         assert_eq!(q.handle().unacked.load(Ordering::Relaxed), 1);
-        q.returned(cid(1), &[3]);
+        q.returned(cid(1), &[3], &mut fx);
         assert_eq!(q.ready_len(), 1);
     }
 }
