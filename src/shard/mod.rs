@@ -587,7 +587,7 @@ impl Shard {
             }
             ShardMsg::Returned { queue, id, dseqs } => {
                 self.with_queue(queue, |q, fx| {
-                    q.returned(id, &dseqs);
+                    q.returned(id, &dseqs, fx);
                     q.dispatch(now, fx);
                 });
             }
@@ -928,23 +928,7 @@ impl Shard {
                 }
             };
             if ticketed == 0 {
-                match target {
-                    ConfirmTarget::Http(tx) => tx.send(true),
-                    ConfirmTarget::Conn {
-                        conn,
-                        reference,
-                        id,
-                        routed,
-                    } => self.to_conn(
-                        conn,
-                        ConnEvent::Confirm {
-                            reference,
-                            id,
-                            routed,
-                            ok: true,
-                        },
-                    ),
-                }
+                self.answer(target, true);
             } else {
                 self.waiters.borrow_mut().insert(
                     t.token,
@@ -1247,6 +1231,27 @@ impl Shard {
         }
     }
 
+    /// Answers a confirm waiter: the HTTP request, or a `CONFIRM`/`ERROR` frame.
+    fn answer(self: &Rc<Self>, target: ConfirmTarget, ok: bool) {
+        match target {
+            ConfirmTarget::Http(tx) => tx.send(ok),
+            ConfirmTarget::Conn {
+                conn,
+                reference,
+                id,
+                routed,
+            } => self.to_conn(
+                conn,
+                ConnEvent::Confirm {
+                    reference,
+                    id,
+                    routed,
+                    ok,
+                },
+            ),
+        }
+    }
+
     fn confirmed(self: &Rc<Self>, token: u64, ok: bool) {
         let done = {
             let mut waiters = self.waiters.borrow_mut();
@@ -1268,23 +1273,7 @@ impl Shard {
             }
         };
         if let Some(Waiter::Confirm { ok, target, .. }) = done {
-            match target {
-                ConfirmTarget::Http(tx) => tx.send(ok),
-                ConfirmTarget::Conn {
-                    conn,
-                    reference,
-                    id,
-                    routed,
-                } => self.to_conn(
-                    conn,
-                    ConnEvent::Confirm {
-                        reference,
-                        id,
-                        routed,
-                        ok,
-                    },
-                ),
-            }
+            self.answer(target, ok);
         }
     }
 }
