@@ -529,3 +529,22 @@ fn max_connections_is_enforced() {
         t.read_exact(&mut b).is_ok() && &b == b"HTTP/1.1 200"
     });
 }
+
+/// One connection cannot hold subscriptions without bound: past the limit it gets
+/// `ERROR resource_limit` and stays usable.
+#[test]
+fn subscriptions_per_connection_are_bounded() {
+    let s = Server::start();
+    s.topology("ex", "direct", "q", "k");
+    let mut ws = s.ws();
+    for _ in 0..1024 {
+        ws.send_json("SUBSCRIBE", json!({"queue_name": "q"}));
+    }
+    for _ in 0..1024 {
+        ws.expect_type("SUBSCRIBED");
+    }
+    ws.send_json("SUBSCRIBE", json!({"queue_name": "q"}));
+    ws.expect_error_code("resource_limit");
+    s.publish("ex", "k", &json!("still here"));
+    assert_eq!(ws.expect_message()["body"], "still here");
+}

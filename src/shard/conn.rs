@@ -43,6 +43,8 @@ const MAX_READ_CHUNK: usize = 64 * 1024;
 const IDLE_BUFFER_KEEP: usize = 16 * 1024;
 /// Past this much unwritten output, stop reading requests (the client must read).
 const WRITE_HIGH_WATER: usize = 1024 * 1024;
+/// Most subscriptions one WebSocket connection may hold (each may own a queue).
+const MAX_SUBSCRIPTIONS: usize = 1024;
 /// Room for the JSON around a payload in a request body or frame.
 const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
 
@@ -706,6 +708,10 @@ impl Conn {
         let Proto::Ws(ws) = &mut self.proto else {
             return;
         };
+        if ws.subs.len() >= MAX_SUBSCRIPTIONS {
+            let msg = format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection");
+            return self.ws_error(None, "resource_limit", &msg, &[]);
+        }
         let n = ws.next_sub;
         ws.next_sub += 1;
         let id = cid(&shard, self.id, n);
