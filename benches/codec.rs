@@ -1,13 +1,15 @@
 //! Micro-benchmarks of the I/O-free codecs on the broker's hot paths: parsing a typical
-//! `POST /publish` request, decoding a masked 200-byte WebSocket text frame, and encoding a
-//! 128-byte `MESSAGE` frame from its parts. Run with `cargo bench --bench codec`.
+//! `POST /publish` request, decoding a masked 200-byte WebSocket text frame, decoding a
+//! `PUBLISH` frame into its command, and encoding a 128-byte `MESSAGE` frame from its
+//! parts. Run with `cargo bench --bench codec`.
 
 use std::time::Duration;
 
 use bytes::BytesMut;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use pubsub::command::{decode_frame, Command};
 use pubsub::http::{parse_request, Limits};
-use pubsub::ws::{write_text_parts, Decoder, Event};
+use pubsub::ws::{write_text_parts, Decoder, Event, Utf8Bytes};
 
 const PUBLISH_BODY: &str =
     r#"{"exchange_name":"orders","key":"eu.order.created","payload":{"id":42,"amount":19.99}}"#;
@@ -64,6 +66,25 @@ fn ws_decode(c: &mut Criterion) {
     group.finish();
 }
 
+fn publish_decode(c: &mut Criterion) {
+    // What the load generator sends: a 128-byte JSON payload in a PUBLISH frame.
+    let frame = format!(
+        r#"{{"type":"PUBLISH","payload":{{"exchange_name":"bench.x","key":"k","payload":{{"t":123456789012,"s":4242,"p":"{}"}}}}}}"#,
+        "x".repeat(92)
+    );
+    let frame = Utf8Bytes::from(frame);
+    let mut group = c.benchmark_group("command");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("decode_publish_frame", |b| {
+        b.iter(|| {
+            let cmd = decode_frame(black_box(&frame), 1 << 20);
+            assert!(matches!(cmd, Ok(Command::Publish(_))));
+            black_box(cmd)
+        })
+    });
+    group.finish();
+}
+
 fn ws_encode(c: &mut Criterion) {
     let prefix: &[u8] = br#"{"type":"MESSAGE","unique_id":"01JDQ8Z3K4M5N6P7Q8R9S0T1V2","body":"#;
     let suffix: &[u8] = br#","delivery_tag":17,"redelivered":false}"#;
@@ -90,6 +111,6 @@ criterion_group! {
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(1))
         .sample_size(30);
-    targets = http_parse, ws_decode, ws_encode
+    targets = http_parse, ws_decode, publish_decode, ws_encode
 }
 criterion_main!(benches);

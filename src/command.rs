@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use tungstenite::protocol::frame::Utf8Bytes;
 
 /// Longest exchange or queue name, in bytes.
 pub const MAX_NAME_BYTES: usize = 255;
@@ -438,12 +439,59 @@ struct AckBody {
     requeue: Option<bool>,
 }
 
-#[derive(Deserialize)]
+/// A WebSocket frame's envelope `{"type": …, "payload": {…}}`, read in one pass.
+///
+/// When `type` comes before `payload` (as clients write it) a `PUBLISH` payload is
+/// decoded in place; otherwise the payload is kept as raw JSON and decoded once its
+/// type is known. Either way a message body is scanned once, not once per layer.
 struct Envelope<'a> {
-    #[serde(rename = "type", borrow)]
     kind: Cow<'a, str>,
-    #[serde(borrow)]
-    payload: Option<&'a RawValue>,
+    payload: EnvelopePayload<'a>,
+}
+
+enum EnvelopePayload<'a> {
+    Absent,
+    Publish(PublishBody<'a>),
+    Raw(&'a RawValue),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Envelope<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Envelope<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a frame object with \"type\" and \"payload\"")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Self::Value, M::Error> {
+                use serde::de::Error;
+                let mut kind: Option<Cow<'a, str>> = None;
+                let mut payload = EnvelopePayload::Absent;
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "type" if kind.is_some() => return Err(M::Error::duplicate_field("type")),
+                        "type" => kind = Some(map.next_value()?),
+                        "payload" if !matches!(payload, EnvelopePayload::Absent) => {
+                            return Err(M::Error::duplicate_field("payload"))
+                        }
+                        "payload" if kind.as_deref() == Some("PUBLISH") => {
+                            payload = EnvelopePayload::Publish(map.next_value()?)
+                        }
+                        "payload" => payload = EnvelopePayload::Raw(map.next_value()?),
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                let kind = kind.ok_or_else(|| M::Error::missing_field("type"))?;
+                Ok(Envelope { kind, payload })
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
+    }
 }
 
 /// Decodes `POST /exchanges`.
@@ -595,15 +643,25 @@ pub fn salvage_ref(frame: &[u8]) -> Option<Bytes> {
 }
 
 /// Decodes one WebSocket text frame `{"type": …, "payload": {…}}`.
-pub fn decode_frame(frame: &Bytes, max_payload: usize) -> Result<Command, CommandError> {
+pub fn decode_frame(frame: &Utf8Bytes, max_payload: usize) -> Result<Command, CommandError> {
+    let input: &Bytes = frame.as_ref();
     let env: Envelope =
-        serde_json::from_slice(frame).map_err(|e| bad(format!("invalid frame: {e}")))?;
-    let payload = env.payload.map(RawValue::get).unwrap_or("{}");
+        serde_json::from_str(frame.as_str()).map_err(|e| bad(format!("invalid frame: {e}")))?;
+    let payload = match env.payload {
+        EnvelopePayload::Publish(b) => {
+            return match env.kind.as_ref() {
+                "PUBLISH" => Ok(Command::Publish(publish_from(input, b, max_payload)?)),
+                other => Err(bad(format!("unknown frame type {other:?}"))),
+            }
+        }
+        EnvelopePayload::Raw(raw) => raw.get(),
+        EnvelopePayload::Absent => "{}",
+    };
     let p = payload.as_bytes();
     match env.kind.as_ref() {
         "PUBLISH" => {
             let b: PublishBody = serde_json::from_str(payload).map_err(json_err)?;
-            Ok(Command::Publish(publish_from(frame, b, max_payload)?))
+            Ok(Command::Publish(publish_from(input, b, max_payload)?))
         }
         "SUBSCRIBE" => {
             let b: SubscribeBody = serde_json::from_slice(p).map_err(json_err)?;
@@ -719,6 +777,10 @@ pub fn decode_http(
 mod tests {
     use super::*;
 
+    fn u(b: &Bytes) -> Utf8Bytes {
+        Utf8Bytes::try_from(b.clone()).unwrap()
+    }
+
     fn b(s: &str) -> Bytes {
         Bytes::copy_from_slice(s.as_bytes())
     }
@@ -828,7 +890,7 @@ mod tests {
     fn frames_decode() {
         let f =
             b(r#"{"type":"SUBSCRIBE","payload":{"queue_name":"q","ack":"manual","prefetch":5}}"#);
-        match decode_frame(&f, 10).unwrap() {
+        match decode_frame(&u(&f), 10).unwrap() {
             Command::Subscribe(s) => {
                 assert_eq!(s.target, SubscribeTarget::Queue("q".into()));
                 assert_eq!(s.ack, AckMode::Manual);
@@ -837,7 +899,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let f = b(r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":[1],"ref":"r1"}}"#);
-        match decode_frame(&f, 10).unwrap() {
+        match decode_frame(&u(&f), 10).unwrap() {
             Command::Publish(p) => {
                 assert_eq!(&p.payload[..], b"[1]");
                 assert_eq!(p.reference.as_deref(), Some(&b"\"r1\""[..]));
@@ -846,18 +908,22 @@ mod tests {
         }
         let f = b(r#"{"type":"NACK","payload":{"delivery_tag":3,"requeue":false}}"#);
         assert!(matches!(
-            decode_frame(&f, 10).unwrap(),
+            decode_frame(&u(&f), 10).unwrap(),
             Command::Nack {
                 tag: 3,
                 multiple: false,
                 requeue: false
             }
         ));
-        assert!(decode_frame(&b(r#"{"type":"NOPE"}"#), 10).is_err());
-        assert!(decode_frame(&b(r#"[1,2]"#), 10).is_err());
-        assert!(decode_frame(&b(r#"{"type":"ACK","payload":{"delivery_tag":-1}}"#), 10).is_err());
+        assert!(decode_frame(&u(&b(r#"{"type":"NOPE"}"#)), 10).is_err());
+        assert!(decode_frame(&u(&b(r#"[1,2]"#)), 10).is_err());
+        assert!(decode_frame(
+            &u(&b(r#"{"type":"ACK","payload":{"delivery_tag":-1}}"#)),
+            10
+        )
+        .is_err());
         let bad = b(r#"{"type":"PUBLISH","payload":{"ref":"r9"}}"#);
-        assert!(decode_frame(&bad, 10).is_err());
+        assert!(decode_frame(&u(&bad), 10).is_err());
         assert_eq!(salvage_ref(&bad).as_deref(), Some(&b"\"r9\""[..]));
     }
 

@@ -15,7 +15,7 @@
 //! | [`message`] | a published message: raw JSON body as `bytes::Bytes`, shared by reference |
 //! | [`routing`] | the topology (exchanges, queues, bindings) as an epoch-swapped snapshot, and topic matching |
 //! | [`queue`] | one queue's state on its home shard: ready messages, consumers, unacked, limits |
-//! | [`shard`] | the per-core executor: accept loop, connections, rings to the other shards |
+//! | [`shard`] | the per-core executor: accept loop, connections, rings to the other shards, publisher flow control |
 //! | [`sync`] | the lock-free structures: SPSC ring, epoch-reclaimed message queue, snapshot cell, wake-up flag |
 //! | [`persist`] | the persistence core: durable state checkpointed to SQLite or PostgreSQL |
 //! | [`metrics`] | counters exported in Prometheus text format |

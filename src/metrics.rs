@@ -23,6 +23,8 @@ pub struct ShardCounters {
     pub acked: AtomicU64,
     /// Requeued messages (nack or lost consumer).
     pub redelivered: AtomicU64,
+    /// Times a publishing connection paused for a queue whose consumers were behind.
+    pub flow_pauses: AtomicU64,
     /// Open connections.
     pub connections: AtomicI64,
     /// Bytes of message bodies held in queues (may go negative per shard; the sum is right).
@@ -99,7 +101,7 @@ impl Metrics {
     pub fn render(&self, extra: &[(&str, &str, f64)]) -> String {
         let mut out = String::with_capacity(2048);
         type Getter = fn(&ShardCounters) -> i64;
-        let counters: [(&str, &str, Getter); 8] = [
+        let counters: [(&str, &str, Getter); 9] = [
             (
                 "pubsub_messages_published_total",
                 "Messages accepted by publish.",
@@ -129,6 +131,11 @@ impl Metrics {
                 "pubsub_messages_redelivered_total",
                 "Messages requeued for redelivery.",
                 |c| c.redelivered.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "pubsub_publisher_flow_pauses_total",
+                "Times a publishing connection stopped reading because a queue it feeds was far behind its consumers.",
+                |c| c.flow_pauses.load(Ordering::Relaxed) as i64,
             ),
             ("pubsub_connections", "Open client connections.", |c| {
                 c.connections.load(Ordering::Relaxed)

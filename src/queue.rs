@@ -261,6 +261,7 @@ impl QueueState {
     /// Releases `n` ready slots in the shared depth counter.
     fn release_depth(&self, n: usize) {
         if n > 0 {
+            self.handle.drained.fetch_add(n as u64, Ordering::Relaxed);
             let _ = self
                 .handle
                 .depth

@@ -90,6 +90,9 @@ pub struct QueueHandle {
     pub unacked: AtomicUsize,
     /// Active consumers.
     pub consumers: AtomicUsize,
+    /// Ready messages ever taken off the queue (delivered, expired, dropped, purged):
+    /// publishers paused by flow control watch it move (see [`QueueHandle::wants_flow`]).
+    pub drained: AtomicU64,
     /// Set when the queue is deleted; routers that still hold an old snapshot may push,
     /// the home shard drops what arrives.
     pub deleted: AtomicBool,
@@ -104,6 +107,13 @@ impl std::fmt::Debug for QueueHandle {
             .finish_non_exhaustive()
     }
 }
+
+/// Ready messages in a consumed queue past which its publishers pause reading
+/// (publisher flow control, like RabbitMQ's credit flow): the backlog stays in a few
+/// MiB instead of growing while consumers are behind, and the CPU goes to delivery.
+pub const FLOW_HIGH: usize = 8192;
+/// Ready messages at or under which paused publishers resume.
+pub const FLOW_LOW: usize = 2048;
 
 static NEXT_QUEUE_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -122,8 +132,23 @@ impl QueueHandle {
             depth: AtomicUsize::new(0),
             unacked: AtomicUsize::new(0),
             consumers: AtomicUsize::new(0),
+            drained: AtomicU64::new(0),
             deleted: AtomicBool::new(false),
         }
+    }
+
+    /// Publisher flow control: true when this queue has consumers and more than
+    /// [`FLOW_HIGH`] ready messages, i.e. its consumers are behind the publishers and
+    /// a publisher feeding it should stop reading until they catch up.
+    pub fn wants_flow(&self) -> bool {
+        self.depth.load(Ordering::Relaxed) > FLOW_HIGH && self.consumers.load(Ordering::Relaxed) > 0
+    }
+
+    /// A paused publisher may go on: the backlog is down to [`FLOW_LOW`], or nobody
+    /// consumes the queue any more.
+    pub fn flow_clear(&self) -> bool {
+        self.depth.load(Ordering::Relaxed) <= FLOW_LOW
+            || self.consumers.load(Ordering::Relaxed) == 0
     }
 
     /// Reserves a ready slot for one more message; false when `reject_publish` refuses.

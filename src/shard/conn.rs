@@ -13,13 +13,14 @@
 //! and the window only reopens as frames leave the write buffer for the socket.
 
 use std::collections::VecDeque;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_lite::{AsyncRead, AsyncWrite};
@@ -32,6 +33,7 @@ use crate::queue::ConsumerId;
 use crate::routing::QueueHandle;
 use crate::ws;
 
+use super::flow::{FlowGate, FLOW_POLL};
 use super::{BrokerError, ConnEvent, ConnInbox, Shard, ShardMsg};
 
 /// Bytes asked of the socket per read at first; doubled while reads fill it.
@@ -49,8 +51,7 @@ const MAX_SUBSCRIPTIONS: usize = 1024;
 const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
 
 /// How long a connection waits before looking again at a backed-up shard.
-const CONGESTION_PAUSE: std::time::Duration = std::time::Duration::from_micros(200);
-
+const CONGESTION_PAUSE: Duration = Duration::from_micros(200);
 const CONSOLE_HTML: &str = include_str!("console.html");
 
 enum Proto {
@@ -108,6 +109,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         close_after_flush: false,
         continue_sent: false,
         shard_header: shard.id.to_string(),
+        flow: FlowGate::Open,
     };
     if over_limit {
         c.http_error(
@@ -140,6 +142,8 @@ struct Conn {
     /// `100 Continue` already sent for the request being read.
     continue_sent: bool,
     shard_header: String,
+    /// Publisher flow control ([`super::flow`]).
+    flow: FlowGate,
 }
 
 enum Wake {
@@ -147,6 +151,8 @@ enum Wake {
     Eof,
     Wrote,
     Event,
+    /// Time to look at the queue that paused this publisher.
+    Flow,
 }
 
 impl Conn {
@@ -161,6 +167,7 @@ impl Conn {
                 Proto::Ws(_) => self.process_ws(),
             }
             self.process_events();
+            self.flow.check(Instant::now());
             self.check_idle();
             self.trim_buffers();
             if self.close_after_flush && self.wbuf.is_empty() {
@@ -172,7 +179,7 @@ impl Conn {
             }
             match self.wait().await? {
                 Wake::Eof => return Ok(()),
-                Wake::Read | Wake::Wrote | Wake::Event => {}
+                Wake::Read | Wake::Wrote | Wake::Event | Wake::Flow => {}
             }
         }
     }
@@ -188,7 +195,9 @@ impl Conn {
             inbox,
             ..
         } = self;
-        let reading = wbuf.len() < WRITE_HIGH_WATER && !self.close_after_flush;
+        let paused = self.flow.paused();
+        let reading = wbuf.len() < WRITE_HIGH_WATER && !self.close_after_flush && !paused;
+        let mut flow_timer = paused.then(|| glommio::timer::Timer::new(FLOW_POLL));
         let mut wrote = 0usize;
         let wake = poll_fn(|cx| {
             while !wbuf.is_empty() {
@@ -207,6 +216,11 @@ impl Conn {
             }
             if inbox.signal.poll_take(cx) {
                 return Poll::Ready(Ok(Wake::Event));
+            }
+            if let Some(t) = flow_timer.as_mut() {
+                if Pin::new(t).poll(cx).is_ready() {
+                    return Poll::Ready(Ok(Wake::Flow));
+                }
             }
             if reading {
                 let len = rbuf.len();
@@ -249,6 +263,18 @@ impl Conn {
             }
         }
         Ok(wake)
+    }
+
+    /// A publish went to `queue`, which asks its publishers to pause.
+    fn flow_hint(&mut self, queue: Option<Arc<QueueHandle>>) {
+        if let Some(q) = queue {
+            if self.flow.hint(q, Instant::now()) {
+                self.shard
+                    .counters()
+                    .flow_pauses
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Gives back large buffers once they are empty.
@@ -512,6 +538,7 @@ impl Conn {
                 let confirm = p.confirm;
                 match shard.publish(p, now_ms(), None) {
                     Ok(published) => {
+                        self.flow_hint(published.flow);
                         let mut ok = true;
                         if confirm {
                             if let Some(rx) = published.confirm {
@@ -675,11 +702,11 @@ impl Conn {
         ws::write_text(&mut self.wbuf, &out);
     }
 
-    fn ws_text(&mut self, frame: Bytes, now: u64) {
+    fn ws_text(&mut self, frame: ws::Utf8Bytes, now: u64) {
         let cmd = match command::decode_frame(&frame, self.max_payload()) {
             Ok(c) => c,
             Err(e) => {
-                let reference = command::salvage_ref(&frame);
+                let reference = command::salvage_ref(frame.as_bytes());
                 return self.ws_error(reference.as_deref(), e.code(), &e.to_string(), &[]);
             }
         };
@@ -687,8 +714,9 @@ impl Conn {
         match cmd {
             Command::Publish(p) => {
                 let reference = p.reference.clone();
-                if let Err(e) = shard.publish(p, now, Some(self.id)) {
-                    self.ws_error(reference.as_deref(), e.code(), &e.to_string(), &[]);
+                match shard.publish(p, now, Some(self.id)) {
+                    Ok(published) => self.flow_hint(published.flow),
+                    Err(e) => self.ws_error(reference.as_deref(), e.code(), &e.to_string(), &[]),
                 }
             }
             Command::Subscribe(s) => self.ws_subscribe(s),

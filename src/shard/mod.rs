@@ -17,6 +17,7 @@
 
 pub mod bell;
 pub mod conn;
+pub mod flow;
 pub mod signal;
 
 use std::cell::{Cell, RefCell};
@@ -374,6 +375,20 @@ pub struct Published {
     pub routed: usize,
     /// For `confirm`: resolves once durable queues have it on disk.
     pub confirm: Option<signal::OneshotRx<bool>>,
+    /// A queue it went to whose consumers are behind: the publishing connection should
+    /// stop reading until that queue drains (publisher flow control).
+    pub flow: Option<Arc<QueueHandle>>,
+}
+
+/// What routing one message did.
+#[derive(Default)]
+struct Routed {
+    /// Queues that took it.
+    queues: usize,
+    /// Of those, the ones that carry the confirm ticket.
+    ticketed: usize,
+    /// A queue over its flow-control mark.
+    flow: Option<Arc<QueueHandle>>,
 }
 
 /// One shard: its links, its queues, its connections.
@@ -809,8 +824,9 @@ impl Shard {
         }
     }
 
-    /// Routes `msg` through `exchange`; returns how many queues took it and how many of
-    /// those carry `ticket` (durable queues, persistent message).
+    /// Routes `msg` through `exchange`: how many queues took it, how many of those carry
+    /// `ticket` (durable queues, persistent message), and a queue that asks its
+    /// publishers to pause (flow control), if one does.
     fn route(
         self: &Rc<Self>,
         topo: &Topology,
@@ -818,13 +834,15 @@ impl Shard {
         key: &str,
         msg: &Arc<Message>,
         ticket: Option<Ticket>,
-    ) -> (usize, usize) {
+    ) -> Routed {
+        let mut out = Routed::default();
         let Some(x) = topo.exchange(exchange) else {
-            return (0, 0);
+            return out;
         };
         let targets = x.route(key);
         let mut routed = 0;
         let mut ticketed = 0;
+        let mut flow = None;
         let weight = msg.weight();
         targets.for_each(|q| {
             if !q.reserve() {
@@ -846,12 +864,18 @@ impl Shard {
             if !q.scheduled.swap(true, Ordering::AcqRel) {
                 self.send(q.home, ShardMsg::QueueWork(q.clone()));
             }
+            if flow.is_none() && q.wants_flow() {
+                flow = Some(q.clone());
+            }
         });
         let c = self.counters();
         c.memory
             .fetch_add((weight * routed) as i64, Ordering::Relaxed);
         c.routed.fetch_add(routed as u64, Ordering::Relaxed);
-        (routed, ticketed)
+        out.queues = routed;
+        out.ticketed = ticketed;
+        out.flow = flow;
+        out
     }
 
     /// Publishes: routes the message and, for `confirm`, arranges the answer.
@@ -906,7 +930,11 @@ impl Shard {
             shard: self.id,
             token: self.token(),
         });
-        let (routed, ticketed) = self.route(topo, exchange, key, &msg, ticket);
+        let Routed {
+            queues: routed,
+            ticketed,
+            flow,
+        } = self.route(topo, exchange, key, &msg, ticket);
         let c = self.counters();
         c.published.fetch_add(1, Ordering::Relaxed);
         if routed == 0 {
@@ -944,6 +972,7 @@ impl Shard {
             id,
             routed,
             confirm,
+            flow,
         })
     }
 

@@ -16,7 +16,7 @@ use std::io::Cursor;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
-use tungstenite::protocol::frame::FrameHeader;
+use tungstenite::protocol::frame::{FrameHeader, Utf8Bytes};
 
 use super::error::WsError;
 
@@ -37,7 +37,7 @@ const FIN: u8 = 0x80;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A whole text message (valid UTF-8).
-    Text(Bytes),
+    Text(Utf8Bytes),
     /// A whole binary message.
     Binary(Bytes),
     /// A ping; answer with a pong carrying the same payload.
@@ -210,10 +210,8 @@ impl Decoder {
 /// Turns a complete message into its event, checking text for UTF-8.
 fn finish(text: bool, data: BytesMut) -> Result<Event, WsError> {
     if text {
-        if std::str::from_utf8(&data).is_err() {
-            return Err(WsError::InvalidUtf8);
-        }
-        Ok(Event::Text(data.freeze()))
+        let text = Utf8Bytes::try_from(data.freeze()).map_err(|_| WsError::InvalidUtf8)?;
+        Ok(Event::Text(text))
     } else {
         Ok(Event::Binary(data.freeze()))
     }
@@ -379,7 +377,7 @@ mod tests {
     #[test]
     fn masked_text_decodes_unmasked_rejected() {
         let ev = decode_all(&mut Decoder::default(), &masked(0x81, b"hello")).unwrap();
-        assert_eq!(ev, vec![Event::Text(Bytes::from_static(b"hello"))]);
+        assert_eq!(ev, vec![Event::Text(Utf8Bytes::from("hello"))]);
         let err = one_err(&frame(0x81, b"hello", None));
         assert_eq!(err.close_code(), 1002);
         let mut lenient = Decoder::default().accept_unmasked(true);
@@ -406,7 +404,7 @@ mod tests {
             panic!("expected text")
         };
         assert_eq!(t.as_ptr() as usize, start + 2 + 2 + 4);
-        assert_eq!(&t[..], &[b'a'; 300][..]);
+        assert_eq!(t.as_bytes(), &[b'a'; 300][..]);
     }
 
     #[test]
@@ -428,7 +426,7 @@ mod tests {
             assert_eq!(
                 events,
                 vec![
-                    Event::Text(Bytes::from("héllo wörld")),
+                    Event::Text(Utf8Bytes::from("héllo wörld")),
                     Event::Binary(Bytes::from(vec![7u8; 200])),
                     Event::Ping(Bytes::from_static(b"p")),
                 ],
@@ -447,7 +445,7 @@ mod tests {
         let ev = decode_all(&mut Decoder::default(), &stream).unwrap();
         assert_eq!(ev.len(), 100);
         for (i, e) in ev.iter().enumerate() {
-            assert_eq!(e, &Event::Text(Bytes::from(format!("{{\"n\":{i}}}"))));
+            assert_eq!(e, &Event::Text(Utf8Bytes::from(format!("{{\"n\":{i}}}"))));
         }
     }
 
@@ -467,7 +465,7 @@ mod tests {
             vec![
                 Event::Ping(Bytes::from_static(b"ping!")),
                 Event::Pong(Bytes::new()),
-                Event::Text(Bytes::from("Hello wörld")),
+                Event::Text(Utf8Bytes::from("Hello wörld")),
                 Event::Binary(Bytes::from_static(b"\x01\x02")),
             ]
         );
@@ -480,7 +478,7 @@ mod tests {
         let mut stream = masked(0x01, &s[..1]);
         stream.extend(masked(0x80, &s[1..]));
         let ev = decode_all(&mut Decoder::default(), &stream).unwrap();
-        assert_eq!(ev, vec![Event::Text(Bytes::from("✓"))]);
+        assert_eq!(ev, vec![Event::Text(Utf8Bytes::from("✓"))]);
     }
 
     #[test]
@@ -572,7 +570,10 @@ mod tests {
         }
         let ev = decode_all(&mut Decoder::default(), &wire).unwrap();
         assert_eq!(ev.len(), 3);
-        assert_eq!(ev[2], Event::Text(Bytes::from(vec![b'y'; 70_000])));
+        assert_eq!(
+            ev[2],
+            Event::Text(Utf8Bytes::try_from(vec![b'y'; 70_000]).unwrap())
+        );
     }
 
     /// Reads every frame of `wire` with tungstenite's own (client-side) frame reader.
@@ -616,8 +617,8 @@ mod tests {
         assert_eq!(
             ev,
             vec![
-                Event::Text(Bytes::from_static(b"hello")),
-                Event::Text(Bytes::from(msg)),
+                Event::Text(Utf8Bytes::from("hello")),
+                Event::Text(Utf8Bytes::try_from(msg).unwrap()),
                 Event::Binary(Bytes::from(big)),
                 Event::Ping(Bytes::from_static(b"pi")),
                 Event::Pong(Bytes::from_static(b"po")),

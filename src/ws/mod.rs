@@ -22,3 +22,4 @@ pub use codec::{
 pub use error::WsError;
 pub use handshake::{accept, write_101};
 pub use tungstenite::protocol::frame::coding::OpCode;
+pub use tungstenite::protocol::frame::Utf8Bytes;
