@@ -54,8 +54,13 @@ pub fn push_u64(out: &mut Vec<u8>, v: u64) {
 
 /// Finds `"key"` in `hay` and parses the unsigned integer after its colon.
 pub fn num_after(hay: &[u8], key: &[u8]) -> Option<u64> {
-    let pos = find(hay, key)?;
-    let rest = hay.get(pos + key.len()..)?;
+    num_at(hay, find(hay, key)? + key.len()).map(|(v, _)| v)
+}
+
+/// Parses the unsigned integer after optional `:`/spaces at `at`; returns it and the
+/// offset just past it.
+fn num_at(hay: &[u8], at: usize) -> Option<(u64, usize)> {
+    let rest = hay.get(at..)?;
     let mut i = 0;
     while let Some(&b) = rest.get(i) {
         if b == b':' || b == b' ' {
@@ -74,31 +79,22 @@ pub fn num_after(hay: &[u8], key: &[u8]) -> Option<u64> {
         any = true;
         i += 1;
     }
-    any.then_some(v)
+    any.then_some((v, at + i))
 }
 
-/// Extracts `(t, s)` from a payload (or from any frame embedding one).
+/// Extracts `(t, s)` from a payload (or from any frame embedding one): `"t"` first,
+/// then `"s"` after it, so a frame is scanned once.
 pub fn stamp_of(hay: &[u8]) -> Option<(u64, u64)> {
-    Some((num_after(hay, b"\"t\"")?, num_after(hay, b"\"s\"")?))
+    let (t, end) = num_at(hay, find(hay, b"\"t\"")? + 3)?;
+    let rest = hay.get(end..)?;
+    let (s, _) = num_at(rest, find(rest, b"\"s\"")? + 3)?;
+    Some((t, s))
 }
 
-/// Position of the first occurrence of `needle` in `hay`.
+/// Position of the first occurrence of `needle` in `hay` (SIMD substring search: the
+/// subscriber runs this on every frame, on the same cores as the server it measures).
 pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() || hay.len() < needle.len() {
-        return None;
-    }
-    let first = *needle.first()?;
-    let last_start = hay.len() - needle.len();
-    let mut i = 0;
-    while i <= last_start {
-        let rel = hay.get(i..=last_start)?.iter().position(|&b| b == first)?;
-        i += rel;
-        if hay.get(i..i + needle.len()) == Some(needle) {
-            return Some(i);
-        }
-        i += 1;
-    }
-    None
+    memchr::memmem::find(hay, needle)
 }
 
 #[cfg(test)]
