@@ -12,7 +12,7 @@
 //! and the counters `GET /queues` reads. The queue's mutable state (ready list,
 //! consumers, unacked messages) lives only on its home shard, in [`crate::queue`].
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -304,8 +304,9 @@ impl Exchange {
         // (topic): a set of what is in already keeps a rebuild linear in the bindings.
         let index = match kind {
             ExchangeKind::Direct => {
-                let mut m: HashMap<Arc<str>, Vec<Arc<QueueHandle>>> = HashMap::new();
-                let mut seen: HashSet<(&str, u64)> = HashSet::with_capacity(bindings.len());
+                let mut m: HashMap<Arc<str>, Vec<Arc<QueueHandle>>> = HashMap::default();
+                let mut seen: HashSet<(&str, u64)> =
+                    HashSet::with_capacity_and_hasher(bindings.len(), Default::default());
                 for b in &bindings {
                     if seen.insert((&b.key, b.queue.id)) {
                         m.entry(b.key.clone()).or_default().push(b.queue.clone());
@@ -315,7 +316,8 @@ impl Exchange {
             }
             ExchangeKind::Fanout => {
                 let mut v: Vec<Arc<QueueHandle>> = Vec::with_capacity(bindings.len());
-                let mut seen: HashSet<u64> = HashSet::with_capacity(bindings.len());
+                let mut seen: HashSet<u64> =
+                    HashSet::with_capacity_and_hasher(bindings.len(), Default::default());
                 for b in &bindings {
                     if seen.insert(b.queue.id) {
                         v.push(b.queue.clone());
@@ -325,7 +327,8 @@ impl Exchange {
             }
             ExchangeKind::Topic => {
                 let mut t = TopicNode::default();
-                let mut seen: HashSet<(&str, u64)> = HashSet::with_capacity(bindings.len());
+                let mut seen: HashSet<(&str, u64)> =
+                    HashSet::with_capacity_and_hasher(bindings.len(), Default::default());
                 for b in &bindings {
                     if seen.insert((&b.key, b.queue.id)) {
                         t.insert(&b.key, &b.queue);

@@ -21,7 +21,9 @@ pub mod flow;
 pub mod signal;
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -157,16 +159,15 @@ pub enum ShardMsg {
         /// Their delivery sequences.
         dseqs: Vec<u64>,
     },
-    /// A message for a subscriber on the receiver.
+    /// Messages of one queue for subscribers on the receiver: one ring slot (and at
+    /// most one wake-up) per dispatch, not per message.
     Deliver {
-        /// The consumer.
-        id: ConsumerId,
         /// Queue id.
         queue: u64,
         /// The queue's home (where settlements go).
         home: usize,
-        /// The message.
-        delivery: Delivery,
+        /// The consumers and their messages, in dispatch order.
+        deliveries: Vec<(ConsumerId, Delivery)>,
     },
     /// A subscription on the receiver ended because its queue was deleted.
     Cancelled {
@@ -427,11 +428,11 @@ impl Shard {
             persist: RefCell::new(None),
             local: RefCell::new(VecDeque::new()),
             local_signal: Signal::default(),
-            queues: RefCell::new(HashMap::new()),
-            conns: RefCell::new(HashMap::new()),
+            queues: RefCell::new(HashMap::default()),
+            conns: RefCell::new(HashMap::default()),
             fx: RefCell::new(Effects::default()),
             ids: RefCell::new(IdGen::new(id)),
-            waiters: RefCell::new(HashMap::new()),
+            waiters: RefCell::new(HashMap::default()),
             next_token: Cell::new(1),
             next_conn: Cell::new(1),
         }
@@ -607,20 +608,21 @@ impl Shard {
                 });
             }
             ShardMsg::Deliver {
-                id,
                 queue,
                 home,
-                delivery,
+                deliveries,
             } => {
-                self.to_conn(
-                    id.conn,
-                    ConnEvent::Deliver {
-                        sub: id.sub,
-                        queue,
-                        home,
-                        delivery,
-                    },
-                );
+                for (id, delivery) in deliveries {
+                    self.to_conn(
+                        id.conn,
+                        ConnEvent::Deliver {
+                            sub: id.sub,
+                            queue,
+                            home,
+                            delivery,
+                        },
+                    );
+                }
             }
             ShardMsg::Cancelled { id } => {
                 self.to_conn(id.conn, ConnEvent::Cancelled { sub: id.sub })
@@ -731,6 +733,8 @@ impl Shard {
                 .fetch_sub(fx.freed as i64, Ordering::Relaxed);
             fx.freed = 0;
         }
+        // Remote deliveries go as one batch per shard.
+        let mut remote: Vec<(usize, Vec<(ConsumerId, Delivery)>)> = Vec::new();
         for (id, delivery) in fx.deliveries.drain(..) {
             if id.shard == self.id {
                 self.to_conn(
@@ -743,16 +747,21 @@ impl Shard {
                     },
                 );
             } else {
-                self.send(
-                    id.shard,
-                    ShardMsg::Deliver {
-                        id,
-                        queue: src.id,
-                        home: self.id,
-                        delivery,
-                    },
-                );
+                match remote.iter_mut().find(|(shard, _)| *shard == id.shard) {
+                    Some((_, batch)) => batch.push((id, delivery)),
+                    None => remote.push((id.shard, vec![(id, delivery)])),
+                }
             }
+        }
+        for (shard, deliveries) in remote {
+            self.send(
+                shard,
+                ShardMsg::Deliver {
+                    queue: src.id,
+                    home: self.id,
+                    deliveries,
+                },
+            );
         }
         for op in fx.persist.drain(..) {
             self.persist_op(src, op);
