@@ -6,8 +6,10 @@
 //! byte scan (no JSON parse) and computes publish→delivery latency against the same epoch,
 //! since publisher and subscriber live in one process.
 
-use std::sync::OnceLock;
+use std::sync::{LazyLock, OnceLock};
 use std::time::Instant;
+
+use memchr::memmem::Finder;
 
 /// Smallest payload that still holds the two numbers and the padding key.
 pub const MIN_PAYLOAD: usize = 48;
@@ -85,14 +87,17 @@ fn num_at(hay: &[u8], at: usize) -> Option<(u64, usize)> {
 /// Extracts `(t, s)` from a payload (or from any frame embedding one): `"t"` first,
 /// then `"s"` after it, so a frame is scanned once.
 pub fn stamp_of(hay: &[u8]) -> Option<(u64, u64)> {
-    let (t, end) = num_at(hay, find(hay, b"\"t\"")? + 3)?;
+    static T_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"t\""));
+    static S_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"s\""));
+    let (t, end) = num_at(hay, T_KEY.find(hay)? + 3)?;
     let rest = hay.get(end..)?;
-    let (s, _) = num_at(rest, find(rest, b"\"s\"")? + 3)?;
+    let (s, _) = num_at(rest, S_KEY.find(rest)? + 3)?;
     Some((t, s))
 }
 
-/// Position of the first occurrence of `needle` in `hay` (SIMD substring search: the
-/// subscriber runs this on every frame, on the same cores as the server it measures).
+/// Position of the first occurrence of `needle` in `hay` (SIMD substring search). The
+/// per-frame searches use prebuilt [`Finder`]s instead: building one costs more than
+/// searching a frame, and the client shares the cores with the server it measures.
 pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     memchr::memmem::find(hay, needle)
 }

@@ -9,7 +9,10 @@
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::sync::LazyLock;
 use std::time::Duration;
+
+use memchr::memmem::Finder;
 
 use super::fanin::Proto;
 use super::payload::{find, stamp_of};
@@ -270,7 +273,8 @@ pub fn is_message(frame: &[u8]) -> bool {
 
 /// The value of the frame's `"type"` key.
 pub fn frame_type(frame: &[u8]) -> Option<&[u8]> {
-    let p = find(frame, b"\"type\"")?;
+    static TYPE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"type\""));
+    let p = TYPE_KEY.find(frame)?;
     let rest = frame.get(p + 6..)?;
     let q = rest.iter().position(|&b| b == b'"')?;
     let rest = rest.get(q + 1..)?;
