@@ -581,11 +581,20 @@ fn publish_from(
     let (key, key_json) = match b.key.or(b.key_seed) {
         None => (Bytes::new(), Bytes::from_static(b"\"\"")),
         Some(raw) => {
-            let decoded = decode_string_token(raw, "key")?;
-            let json = share(input, raw.get());
-            let key = match decoded {
-                Cow::Borrowed(s) => share(input, s),
-                Cow::Owned(s) => Bytes::from(s),
+            let token = raw.get();
+            let json = share(input, token);
+            // A string token without escapes is its own text between the quotes (the
+            // RawValue parse already checked it); only escapes need a real decode.
+            let plain = token
+                .strip_prefix('"')
+                .and_then(|t| t.strip_suffix('"'))
+                .filter(|inner| memchr::memchr(b'\\', inner.as_bytes()).is_none());
+            let key = match plain {
+                Some(inner) => json.slice(1..1 + inner.len()),
+                None => match decode_string_token(raw, "key")? {
+                    Cow::Borrowed(s) => share(input, s),
+                    Cow::Owned(s) => Bytes::from(s),
+                },
             };
             (key, json)
         }
