@@ -5,10 +5,11 @@
 //! the publishing connection to pause. The connection then stops reading, so TCP
 //! pushes back on the client, while it goes on writing and taking deliveries. It
 //! resumes when the queue is down to [`FLOW_LOW`](crate::routing::FLOW_LOW), loses its
-//! consumers, or its consumers take nothing for [`FLOW_STALL`]: flow control paces a
-//! publisher to consumers that keep up (the backlog stays a few MiB and the CPU goes to
-//! delivery instead of to growing it), and never parks it behind a consumer that
-//! stopped. After such a stall that queue may not pause the connection again for
+//! consumers, its consumers take nothing for [`FLOW_STALL`], or the pause reaches
+//! [`FLOW_MAX_PAUSE`]: flow control paces a publisher to consumers that keep up (the
+//! backlog stays a few MiB and the CPU goes to delivery instead of to growing it),
+//! slows it for slow ones, and never parks it behind a consumer that stopped. After a
+//! stall or a maximal pause that queue may not pause the connection again for
 //! [`FLOW_EXEMPT`]. This is RabbitMQ's credit flow in spirit, driven by queue depth.
 //!
 //! The gate is plain state with the clock passed in, so its rules are unit-tested
@@ -25,7 +26,11 @@ pub const FLOW_POLL: Duration = Duration::from_micros(200);
 /// A paused publisher resumes when its queue's consumers took nothing for this long.
 /// Longer than the scheduler can starve a busy client on a shared machine.
 pub const FLOW_STALL: Duration = Duration::from_millis(50);
-/// After a stall, that queue does not pause this publisher again for this long.
+/// Longest single pause, however steadily the consumers drain: a publisher feeding
+/// a slow consumer is slowed, not stopped (and keeps answering pings).
+pub const FLOW_MAX_PAUSE: Duration = Duration::from_millis(500);
+/// After a stall or a maximal pause, that queue does not pause this publisher again
+/// for this long.
 pub const FLOW_EXEMPT: Duration = Duration::from_secs(1);
 
 /// Whether a connection may read.
@@ -42,6 +47,8 @@ pub enum FlowGate {
         drained: u64,
         /// When it last moved.
         progress_at: Instant,
+        /// When the pause began.
+        since: Instant,
     },
     /// `queue` stalled; it may not pause this connection before `until`.
     Exempt {
@@ -69,6 +76,7 @@ impl FlowGate {
                     drained: queue.drained.load(Ordering::Relaxed),
                     queue,
                     progress_at: now,
+                    since: now,
                 };
                 true
             }
@@ -88,6 +96,7 @@ impl FlowGate {
                 queue,
                 drained,
                 progress_at,
+                since,
             } => {
                 if queue.flow_clear() {
                     *self = FlowGate::Open;
@@ -97,7 +106,10 @@ impl FlowGate {
                 if d != *drained {
                     *drained = d;
                     *progress_at = now;
-                } else if now.saturating_duration_since(*progress_at) >= FLOW_STALL {
+                }
+                let stalled = now.saturating_duration_since(*progress_at) >= FLOW_STALL;
+                let too_long = now.saturating_duration_since(*since) >= FLOW_MAX_PAUSE;
+                if stalled || too_long {
                     *self = FlowGate::Exempt {
                         queue: queue.clone(),
                         until: now + FLOW_EXEMPT,
@@ -178,6 +190,29 @@ mod tests {
         let other = queue(FLOW_HIGH + 1, 1);
         g.hint(other, t1);
         assert!(g.paused());
+    }
+
+    #[test]
+    fn a_pause_is_bounded_even_while_consumers_drain() {
+        let t0 = Instant::now();
+        let q = queue(FLOW_HIGH + 1, 1);
+        let mut g = FlowGate::default();
+        g.hint(q.clone(), t0);
+        let step = FLOW_STALL / 2;
+        let mut t = t0;
+        while t + step < t0 + FLOW_MAX_PAUSE {
+            t += step;
+            q.drained.fetch_add(1, Ordering::Relaxed);
+            g.check(t);
+            assert!(g.paused(), "draining steadily, still under the limit");
+        }
+        q.drained.fetch_add(1, Ordering::Relaxed);
+        g.check(t0 + FLOW_MAX_PAUSE);
+        assert!(!g.paused(), "a single pause ends at FLOW_MAX_PAUSE");
+        assert!(
+            !g.hint(q, t0 + FLOW_MAX_PAUSE),
+            "and that queue is exempt for a while"
+        );
     }
 
     #[test]
