@@ -64,6 +64,9 @@ struct Sub {
     id_json: Bytes,
     queue: Arc<QueueHandle>,
     mode: AckMode,
+    /// The constant middle of this subscription's `MESSAGE` frames:
+    /// `,"subscription":<id>,"queue":<name>,"exchange":`, built once.
+    frame_mid: Bytes,
 }
 
 #[derive(Clone, Copy)]
@@ -759,11 +762,18 @@ impl Conn {
                 out.extend_from_slice(br#","queue_name":"#);
                 out.extend_from_slice(&queue.name_json);
                 out.push(b'}');
+                let mut mid = Vec::with_capacity(48 + id_json.len() + queue.name_json.len());
+                mid.extend_from_slice(br#","subscription":"#);
+                mid.extend_from_slice(&id_json);
+                mid.extend_from_slice(br#","queue":"#);
+                mid.extend_from_slice(&queue.name_json);
+                mid.extend_from_slice(br#","exchange":"#);
                 ws.subs.push(Sub {
                     n,
                     id_json,
                     queue,
                     mode: s.ack,
+                    frame_mid: Bytes::from(mid),
                 });
                 ws::write_text(&mut self.wbuf, &out);
             }
@@ -932,11 +942,7 @@ impl Conn {
                         m.id.as_bytes(),
                         br#"","body":"#,
                         &m.body,
-                        br#","subscription":"#,
-                        &s.id_json,
-                        br#","queue":"#,
-                        &s.queue.name_json,
-                        br#","exchange":"#,
+                        &s.frame_mid,
                         &m.exchange_json,
                         br#","routing_key":"#,
                         &m.routing_key_json,
