@@ -408,6 +408,9 @@ pub struct Shard {
     waiters: RefCell<HashMap<u64, Waiter>>,
     next_token: Cell<u64>,
     next_conn: Cell<u64>,
+    /// Where a connection with an empty read buffer reads into (see
+    /// [`Shard::read_scratch`]).
+    read_scratch: RefCell<Box<[u8]>>,
 }
 
 /// Messages of one durable queue read back at start.
@@ -434,7 +437,20 @@ impl Shard {
             waiters: RefCell::new(HashMap::new()),
             next_token: Cell::new(1),
             next_conn: Cell::new(1),
+            read_scratch: RefCell::new(Box::default()),
         }
+    }
+
+    /// The shard's read scratch buffer, at least `len` bytes. A connection whose read
+    /// buffer is empty reads here and keeps only the bytes that arrived, so an idle
+    /// connection holds no read buffer at all. Borrowed only inside a synchronous
+    /// poll, never across an `await` (connections on one shard never poll at once).
+    pub(crate) fn read_scratch(&self, len: usize) -> std::cell::RefMut<'_, Box<[u8]>> {
+        let mut s = self.read_scratch.borrow_mut();
+        if s.len() < len {
+            *s = vec![0u8; len].into_boxed_slice();
+        }
+        s
     }
 
     pub(crate) fn counters(&self) -> &crate::metrics::ShardCounters {
