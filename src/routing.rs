@@ -46,7 +46,12 @@ pub fn placement(name: &str, shards: usize) -> usize {
 
 /// A JSON string token (quotes included) for `s`.
 pub fn json_string(s: &str) -> Bytes {
-    Bytes::from(serde_json::to_string(s).unwrap_or_else(|_| String::from("\"\"")))
+    // Copied out at its exact size: these tokens live as long as their queue or
+    // subscription, and serde_json's writer starts at 128 bytes.
+    match serde_json::to_string(s) {
+        Ok(j) => Bytes::copy_from_slice(j.as_bytes()),
+        Err(_) => Bytes::from_static(b"\"\""),
+    }
 }
 
 /// Who must be told when a durable change is on disk: a shard and its waiter's token.

@@ -41,10 +41,10 @@ const MIN_READ_CHUNK: usize = 4 * 1024;
 /// Largest read.
 const MAX_READ_CHUNK: usize = 64 * 1024;
 /// An empty write buffer up to this size is kept for the next write; a larger one is
-/// given back, so a quiet subscriber costs a few hundred bytes, not the high-water mark
-/// of its busiest moment. (A small message's frame fits, so a subscriber receiving a
-/// trickle of them does not allocate per message.)
-const IDLE_WRITE_KEEP: usize = 1024;
+/// given back, so a quiet subscriber costs what its usual batch needs, not the
+/// high-water mark of its busiest moment. (Kept this large so a subscriber writing
+/// batches of a few KiB does not reallocate and regrow its buffer for every batch.)
+const IDLE_WRITE_KEEP: usize = 16 * 1024;
 /// An empty read buffer up to this size is kept: typically the tail of the last read's
 /// allocation, which the frames split from it share anyway. Reads into an empty
 /// buffer go through the shard's scratch buffer and allocate only what arrived.

@@ -1712,6 +1712,10 @@ async fn tick_task(shard: Rc<Shard>) {
         let now = now_ms();
         if now.saturating_sub(last_idle_check) >= 1000 {
             last_idle_check = now;
+            // Hand this thread's deferred frees (replaced topologies, retired inbox
+            // blocks) to the collector and collect: a shard that stops changing the
+            // topology or popping would otherwise keep its last bag of garbage.
+            pin().flush();
             let idle: Vec<Rc<ConnInbox>> = shard
                 .conns
                 .borrow()
