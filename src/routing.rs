@@ -3,9 +3,19 @@
 //! Every shard routes against one immutable [`Topology`] held in a
 //! [`Snapshot`](crate::sync::snapshot::Snapshot): a lookup pins the epoch, reads, and
 //! takes no lock. A change (declare, delete, bind) builds a new `Topology` from the old
-//! one (copy-on-write: maps of `Arc`s, and a rebuilt index for the one exchange that
-//! changed) and swaps it in with a compare-and-swap; the old one is reclaimed once no
-//! reader can still see it. Changes are rare, publishes are not.
+//! one (copy-on-write) and swaps it in with a compare-and-swap; the old one is
+//! reclaimed once no reader can still see it. Changes are rare, publishes are not.
+//!
+//! Copy-on-write is structurally shared where a collection grows with the number of
+//! subscribers: the queue map is an [`imbl::HashMap`], an exchange's bindings are an
+//! [`imbl::Vector`], and a long direct/fanout routing list is one too (a short one is
+//! a plain shared slice, see [`QueueList`]), so a new `Topology` copies O(log n)
+//! nodes, not every entry. Each exchange subscription adds a queue and a binding;
+//! with plain maps and vectors 5,000 subscribers cost 5,000 full copies (quadratic
+//! work, and hundreds of KiB of garbage per subscribe waiting for epoch
+//! reclamation). Routing walks plain slices either way (a long list's leaves are
+//! slices of up to 64). Topic exchanges still rebuild their trie on every binding
+//! change.
 //!
 //! A queue appears here as a [`QueueHandle`]: its settings, its home shard, its inbox
 //! (the lock-free [`MsgQueue`](crate::sync::mpsc::MsgQueue) every router pushes into),
@@ -13,6 +23,7 @@
 //! consumers, unacked messages) lives only on its home shard, in [`crate::queue`].
 
 use foldhash::{HashMap, HashSet};
+use imbl::Vector;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -34,7 +45,12 @@ pub fn placement(name: &str, shards: usize) -> usize {
 
 /// A JSON string token (quotes included) for `s`.
 pub fn json_string(s: &str) -> Bytes {
-    Bytes::from(serde_json::to_string(s).unwrap_or_else(|_| String::from("\"\"")))
+    // Copied out at its exact size: these tokens live as long as their queue or
+    // subscription, and serde_json's writer starts at 128 bytes.
+    match serde_json::to_string(s) {
+        Ok(j) => Bytes::copy_from_slice(j.as_bytes()),
+        Err(_) => Bytes::from_static(b"\"\""),
+    }
 }
 
 /// Who must be told when a durable change is on disk: a shard and its waiter's token.
@@ -169,10 +185,12 @@ impl QueueHandle {
     }
 }
 
-/// Where a routed message goes: a slice of the index, or a list built for a topic.
+/// Where a routed message goes: an index entry, or a list built for a topic.
 pub enum Targets<'a> {
-    /// Direct and fanout: the index entry itself, already free of duplicates.
+    /// Direct and fanout: a short index entry itself, already free of duplicates.
     Slice(&'a [Arc<QueueHandle>]),
+    /// Direct and fanout: a long index entry, already free of duplicates.
+    Tree(&'a Vector<Arc<QueueHandle>>),
     /// Topic: the matched queues, each once.
     List(Vec<&'a Arc<QueueHandle>>),
 }
@@ -182,6 +200,8 @@ impl<'a> Targets<'a> {
     pub fn for_each(&self, mut f: impl FnMut(&'a Arc<QueueHandle>)) {
         match self {
             Targets::Slice(s) => s.iter().for_each(f),
+            // The tree's leaves are plain slices: the loop over queues stays a slice walk.
+            Targets::Tree(v) => v.leaves().for_each(|s| s.iter().for_each(&mut f)),
             Targets::List(v) => v.iter().for_each(|q| f(q)),
         }
     }
@@ -189,12 +209,86 @@ impl<'a> Targets<'a> {
     pub fn len(&self) -> usize {
         match self {
             Targets::Slice(s) => s.len(),
+            Targets::Tree(v) => v.len(),
             Targets::List(v) => v.len(),
         }
     }
     /// True when the message goes nowhere.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Longest routing list kept as a plain slice.
+const FLAT_MAX: usize = 64;
+
+/// One routing list of a direct key or a fanout exchange: distinct queues.
+///
+/// Short lists are a shared slice: routing walks it with no setup (an
+/// [`imbl::Vector`]'s leaf iterator costs a few ns to start, which a one-queue
+/// publish would pay every time), and a change copies at most [`FLAT_MAX`] pointers.
+/// Long lists are a structurally shared vector: a change copies O(log n) nodes, so
+/// thousands of subscribers on one exchange do not make each subscribe O(n).
+#[derive(Debug, Clone)]
+enum QueueList {
+    Flat(Arc<[Arc<QueueHandle>]>),
+    Tree(Vector<Arc<QueueHandle>>),
+}
+
+impl Default for QueueList {
+    fn default() -> Self {
+        QueueList::Flat(Arc::from(Vec::new()))
+    }
+}
+
+impl QueueList {
+    fn targets(&self) -> Targets<'_> {
+        match self {
+            QueueList::Flat(s) => Targets::Slice(s),
+            QueueList::Tree(v) => Targets::Tree(v),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            QueueList::Flat(s) => s.is_empty(),
+            QueueList::Tree(v) => v.is_empty(),
+        }
+    }
+
+    /// Appends `q` (the caller knows it is not in the list).
+    fn push(&mut self, q: Arc<QueueHandle>) {
+        match self {
+            QueueList::Flat(s) if s.len() < FLAT_MAX => {
+                *s = s.iter().cloned().chain(std::iter::once(q)).collect();
+            }
+            QueueList::Flat(s) => {
+                let mut v: Vector<Arc<QueueHandle>> = s.iter().cloned().collect();
+                v.push_back(q);
+                *self = QueueList::Tree(v);
+            }
+            QueueList::Tree(v) => v.push_back(q),
+        }
+    }
+
+    /// Removes the queue with this id, if it is in the list.
+    fn remove(&mut self, id: u64) {
+        match self {
+            QueueList::Flat(s) => {
+                if s.iter().any(|q| q.id == id) {
+                    *s = s.iter().filter(|q| q.id != id).cloned().collect();
+                }
+            }
+            QueueList::Tree(v) => {
+                if let Some(i) = v.iter().position(|q| q.id == id) {
+                    v.remove(i);
+                }
+                // Half the threshold: a list hovering around it does not flip each time.
+                if v.len() <= FLAT_MAX / 2 {
+                    *self = QueueList::Flat(v.iter().cloned().collect());
+                }
+            }
+        }
     }
 }
 
@@ -205,6 +299,15 @@ struct TopicNode {
     star: Option<Box<TopicNode>>,
     hash: Option<Box<TopicNode>>,
     queues: Vec<Arc<QueueHandle>>,
+}
+
+/// A routing list holding `v`.
+fn list_of(v: Vec<Arc<QueueHandle>>) -> QueueList {
+    if v.len() <= FLAT_MAX {
+        QueueList::Flat(Arc::from(v))
+    } else {
+        QueueList::Tree(v.into_iter().collect())
+    }
 }
 
 /// Splits a key into words; the empty key has none.
@@ -259,11 +362,14 @@ impl TopicNode {
     }
 }
 
-/// The routing index of one exchange, built from its binding list.
+/// The routing index of one exchange, built from its binding list and kept in step
+/// with it binding by binding (direct, fanout) or rebuilt (topic).
 #[derive(Debug)]
 enum Index {
-    Direct(HashMap<Arc<str>, Vec<Arc<QueueHandle>>>),
-    Fanout(Vec<Arc<QueueHandle>>),
+    /// Queues by key, each once per key (bindings are unique per key and queue).
+    Direct(HashMap<Arc<str>, QueueList>),
+    /// Every bound queue once.
+    Fanout(QueueList),
     Topic(TopicNode),
 }
 
@@ -287,8 +393,8 @@ pub struct Exchange {
     pub kind: ExchangeKind,
     /// Survives restarts.
     pub durable: bool,
-    /// Bindings in the order they were made.
-    pub bindings: Vec<Binding>,
+    /// Bindings in the order they were made; unique per (key, queue).
+    pub bindings: Vector<Binding>,
     index: Index,
 }
 
@@ -298,45 +404,9 @@ impl Exchange {
         name_json: Bytes,
         kind: ExchangeKind,
         durable: bool,
-        bindings: Vec<Binding>,
+        bindings: Vector<Binding>,
     ) -> Self {
-        // Each queue once per key (direct), once overall (fanout) or once per pattern
-        // (topic): a set of what is in already keeps a rebuild linear in the bindings.
-        let index = match kind {
-            ExchangeKind::Direct => {
-                let mut m: HashMap<Arc<str>, Vec<Arc<QueueHandle>>> = HashMap::default();
-                let mut seen: HashSet<(&str, u64)> =
-                    HashSet::with_capacity_and_hasher(bindings.len(), Default::default());
-                for b in &bindings {
-                    if seen.insert((&b.key, b.queue.id)) {
-                        m.entry(b.key.clone()).or_default().push(b.queue.clone());
-                    }
-                }
-                Index::Direct(m)
-            }
-            ExchangeKind::Fanout => {
-                let mut v: Vec<Arc<QueueHandle>> = Vec::with_capacity(bindings.len());
-                let mut seen: HashSet<u64> =
-                    HashSet::with_capacity_and_hasher(bindings.len(), Default::default());
-                for b in &bindings {
-                    if seen.insert(b.queue.id) {
-                        v.push(b.queue.clone());
-                    }
-                }
-                Index::Fanout(v)
-            }
-            ExchangeKind::Topic => {
-                let mut t = TopicNode::default();
-                let mut seen: HashSet<(&str, u64)> =
-                    HashSet::with_capacity_and_hasher(bindings.len(), Default::default());
-                for b in &bindings {
-                    if seen.insert((&b.key, b.queue.id)) {
-                        t.insert(&b.key, &b.queue);
-                    }
-                }
-                Index::Topic(t)
-            }
-        };
+        let index = Self::index(kind, &bindings);
         Self {
             name,
             name_json,
@@ -347,21 +417,141 @@ impl Exchange {
         }
     }
 
-    fn with_bindings(&self, bindings: Vec<Binding>) -> Self {
-        Self::build(
-            self.name.clone(),
-            self.name_json.clone(),
-            self.kind,
-            self.durable,
+    /// The routing index built from scratch.
+    fn index(kind: ExchangeKind, bindings: &Vector<Binding>) -> Index {
+        // Each queue once per key (direct), once overall (fanout) or once per pattern
+        // (topic): a set of what is in already keeps a rebuild linear in the bindings.
+        match kind {
+            ExchangeKind::Direct => {
+                let mut m: HashMap<Arc<str>, Vec<Arc<QueueHandle>>> = HashMap::default();
+                let mut seen: HashSet<(&str, u64)> =
+                    HashSet::with_capacity_and_hasher(bindings.len(), Default::default());
+                for b in bindings {
+                    if seen.insert((&b.key, b.queue.id)) {
+                        m.entry(b.key.clone()).or_default().push(b.queue.clone());
+                    }
+                }
+                Index::Direct(m.into_iter().map(|(k, v)| (k, list_of(v))).collect())
+            }
+            ExchangeKind::Fanout => {
+                let mut v: Vec<Arc<QueueHandle>> = Vec::with_capacity(bindings.len());
+                let mut seen: HashSet<u64> =
+                    HashSet::with_capacity_and_hasher(bindings.len(), Default::default());
+                for b in bindings {
+                    if seen.insert(b.queue.id) {
+                        v.push(b.queue.clone());
+                    }
+                }
+                Index::Fanout(list_of(v))
+            }
+            ExchangeKind::Topic => Index::Topic(Self::topic_index(bindings)),
+        }
+    }
+
+    fn topic_index(bindings: &Vector<Binding>) -> TopicNode {
+        let mut t = TopicNode::default();
+        let mut seen: HashSet<(&str, u64)> =
+            HashSet::with_capacity_and_hasher(bindings.len(), Default::default());
+        for b in bindings {
+            if seen.insert((&b.key, b.queue.id)) {
+                t.insert(&b.key, &b.queue);
+            }
+        }
+        t
+    }
+
+    /// This exchange with `b` added. The caller checked that (key, queue) is new.
+    /// Direct and fanout update their index in O(log n) (plus, for direct, a copy of
+    /// the key map's slots); topic rebuilds its trie.
+    fn with_binding(&self, b: Binding) -> Self {
+        let mut bindings = self.bindings.clone();
+        let index = match &self.index {
+            Index::Direct(m) => {
+                let mut m = m.clone();
+                m.entry(b.key.clone()).or_default().push(b.queue.clone());
+                bindings.push_back(b);
+                Index::Direct(m)
+            }
+            Index::Fanout(v) => {
+                let mut v = v.clone();
+                if !self.bindings.iter().any(|x| x.queue.id == b.queue.id) {
+                    v.push(b.queue.clone());
+                }
+                bindings.push_back(b);
+                Index::Fanout(v)
+            }
+            Index::Topic(_) => {
+                bindings.push_back(b);
+                Index::Topic(Self::topic_index(&bindings))
+            }
+        };
+        self.with(bindings, index)
+    }
+
+    /// This exchange without the bindings `drop` selects; `None` when it selects none.
+    fn without_bindings(&self, drop: impl Fn(&Binding) -> bool) -> Option<Self> {
+        let gone: Vec<usize> = self
+            .bindings
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| drop(b))
+            .map(|(i, _)| i)
+            .collect();
+        if gone.is_empty() {
+            return None;
+        }
+        let mut bindings = self.bindings.clone();
+        let mut removed = Vec::with_capacity(gone.len());
+        // Back to front, so the positions still to remove stay valid.
+        for &i in gone.iter().rev() {
+            if i < bindings.len() {
+                removed.push(bindings.remove(i));
+            }
+        }
+        let index = match &self.index {
+            Index::Direct(m) => {
+                let mut m = m.clone();
+                for b in &removed {
+                    if let Some(v) = m.get_mut(&*b.key) {
+                        v.remove(b.queue.id);
+                        if v.is_empty() {
+                            m.remove(&*b.key);
+                        }
+                    }
+                }
+                Index::Direct(m)
+            }
+            Index::Fanout(v) => {
+                let mut v = v.clone();
+                for b in &removed {
+                    let still_bound = bindings.iter().any(|x| x.queue.id == b.queue.id);
+                    if !still_bound {
+                        v.remove(b.queue.id);
+                    }
+                }
+                Index::Fanout(v)
+            }
+            Index::Topic(_) => Index::Topic(Self::topic_index(&bindings)),
+        };
+        Some(self.with(bindings, index))
+    }
+
+    fn with(&self, bindings: Vector<Binding>, index: Index) -> Self {
+        Self {
+            name: self.name.clone(),
+            name_json: self.name_json.clone(),
+            kind: self.kind,
+            durable: self.durable,
             bindings,
-        )
+            index,
+        }
     }
 
     /// The queues a message with routing key `key` goes to, each once.
     pub fn route(&self, key: &str) -> Targets<'_> {
         match &self.index {
-            Index::Direct(m) => Targets::Slice(m.get(key).map(Vec::as_slice).unwrap_or(&[])),
-            Index::Fanout(v) => Targets::Slice(v),
+            Index::Direct(m) => m.get(key).map_or(Targets::Slice(&[]), QueueList::targets),
+            Index::Fanout(v) => v.targets(),
             Index::Topic(t) => {
                 let ws: Vec<&str> = words(key).collect();
                 let mut out = Vec::new();
@@ -425,8 +615,8 @@ impl TopologyError {
 pub struct Topology {
     /// Exchanges by name.
     pub exchanges: HashMap<Arc<str>, Arc<Exchange>>,
-    /// Queues by name.
-    pub queues: HashMap<Arc<str>, Arc<QueueHandle>>,
+    /// Queues by name (structurally shared: a change copies O(log n) nodes).
+    pub queues: imbl::HashMap<Arc<str>, Arc<QueueHandle>>,
 }
 
 impl Topology {
@@ -462,7 +652,7 @@ impl Topology {
                 json_string(&d.name),
                 d.kind,
                 d.durable,
-                Vec::new(),
+                Vector::new(),
             )),
         );
         Ok(next)
@@ -505,14 +695,8 @@ impl Topology {
             .remove(name)
             .ok_or_else(|| TopologyError::NoQueue(name.to_owned()))?;
         for x in next.exchanges.values_mut() {
-            if x.bindings.iter().any(|b| b.queue.id == old.id) {
-                let kept = x
-                    .bindings
-                    .iter()
-                    .filter(|b| b.queue.id != old.id)
-                    .cloned()
-                    .collect();
-                *x = Arc::new(x.with_bindings(kept));
+            if let Some(changed) = x.without_bindings(|b| b.queue.id == old.id) {
+                *x = Arc::new(changed);
             }
         }
         Ok((next, old))
@@ -534,14 +718,12 @@ impl Topology {
         {
             return Err(TopologyError::Unchanged);
         }
-        let mut bindings = x.bindings.clone();
-        bindings.push(Binding {
+        let changed = x.with_binding(Binding {
             key: Arc::from(d.key.as_str()),
             queue: q.clone(),
         });
         let mut next = self.clone();
-        next.exchanges
-            .insert(x.name.clone(), Arc::new(x.with_bindings(bindings)));
+        next.exchanges.insert(x.name.clone(), Arc::new(changed));
         Ok(next)
     }
 
@@ -555,19 +737,11 @@ impl Topology {
             .queues
             .get(d.queue.as_str())
             .ok_or_else(|| TopologyError::NoQueue(d.queue.clone()))?;
-        let before = x.bindings.len();
-        let kept: Vec<Binding> = x
-            .bindings
-            .iter()
-            .filter(|b| !(b.queue.id == q.id && *b.key == *d.key))
-            .cloned()
-            .collect();
-        if kept.len() == before {
-            return Err(TopologyError::NoBinding);
-        }
+        let changed = x
+            .without_bindings(|b| b.queue.id == q.id && *b.key == *d.key)
+            .ok_or(TopologyError::NoBinding)?;
         let mut next = self.clone();
-        next.exchanges
-            .insert(x.name.clone(), Arc::new(x.with_bindings(kept)));
+        next.exchanges.insert(x.name.clone(), Arc::new(changed));
         Ok(next)
     }
 }
@@ -698,6 +872,103 @@ mod tests {
         );
         let t3 = t.unbind(&b).unwrap();
         assert!(routed(&t3, "k").is_empty());
+    }
+
+    /// The index kept in step binding by binding routes exactly like one rebuilt from
+    /// the final binding list.
+    #[test]
+    fn incremental_index_matches_a_rebuild() {
+        let keys = ["a", "b", "a.b", "#", "*.b", "a.*"];
+        // 6 queues keep every list a slice; 150 make fanout and direct lists trees
+        // (past `FLAT_MAX`) and shrink some back.
+        let cases = [
+            ExchangeKind::Direct,
+            ExchangeKind::Fanout,
+            ExchangeKind::Topic,
+        ]
+        .into_iter()
+        .flat_map(|k| [(k, 6u64, 400), (k, 150, 1500)]);
+        for (kind, nq, steps) in cases {
+            let mut t = topo_with(kind, &[]);
+            let mut longest = 0;
+            for i in 0..nq {
+                t = t
+                    .declare_queue(Arc::new(QueueHandle::new(
+                        &format!("q{i}"),
+                        QueueSpec::default(),
+                        0,
+                        None,
+                    )))
+                    .unwrap();
+            }
+            if nq > FLAT_MAX as u64 {
+                // Start long, so the walk shrinks trees back to slices as well.
+                for i in 0..nq {
+                    for key in ["a", "a.b"] {
+                        t = t
+                            .bind(&BindingDecl {
+                                exchange: "x".into(),
+                                queue: format!("q{i}"),
+                                key: key.into(),
+                            })
+                            .unwrap();
+                    }
+                }
+            }
+            // A fixed pseudo-random walk of binds, unbinds and queue deletions.
+            let mut seed = 0x2545_f491_4f6c_dd1du64;
+            for step in 0..steps {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let q = format!("q{}", seed % nq);
+                let key = keys[((seed >> 8) % keys.len() as u64) as usize];
+                let d = BindingDecl {
+                    exchange: "x".into(),
+                    queue: q.clone(),
+                    key: key.into(),
+                };
+                t = match (seed >> 16) % 7 {
+                    0..=3 => t.bind(&d).unwrap_or(t),
+                    4 | 5 => t.unbind(&d).unwrap_or(t),
+                    _ => match t.delete_queue(&q) {
+                        Ok((next, _)) => next
+                            .declare_queue(Arc::new(QueueHandle::new(
+                                &q,
+                                QueueSpec::default(),
+                                0,
+                                None,
+                            )))
+                            .unwrap(),
+                        Err(_) => t,
+                    },
+                };
+                let x = t.exchange("x").unwrap();
+                longest = longest.max(x.route("a").len());
+                let rebuilt = Exchange::build(
+                    x.name.clone(),
+                    x.name_json.clone(),
+                    x.kind,
+                    x.durable,
+                    x.bindings.clone(),
+                );
+                for k in ["a", "b", "a.b", "c", ""] {
+                    let mut got = Vec::new();
+                    x.route(k).for_each(|q| got.push(q.id));
+                    let mut want = Vec::new();
+                    rebuilt.route(k).for_each(|q| want.push(q.id));
+                    let n = got.len();
+                    got.sort_unstable();
+                    got.dedup();
+                    assert_eq!(n, got.len(), "{kind:?} step {step}: duplicate target");
+                    want.sort_unstable();
+                    assert_eq!(got, want, "{kind:?} step {step} key {k:?}");
+                }
+            }
+            if nq > FLAT_MAX as u64 && kind != ExchangeKind::Topic {
+                assert!(longest > FLAT_MAX, "{kind:?}: lists never grew into trees");
+            }
+        }
     }
 
     #[test]

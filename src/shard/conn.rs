@@ -40,9 +40,15 @@ use super::{BrokerError, ConnEvent, ConnInbox, Shard, ShardMsg};
 const MIN_READ_CHUNK: usize = 4 * 1024;
 /// Largest read.
 const MAX_READ_CHUNK: usize = 64 * 1024;
-/// An idle connection keeps buffers up to this size; larger ones are given back, so a
-/// quiet subscriber costs a few KiB, not the high-water mark of its busiest moment.
-const IDLE_BUFFER_KEEP: usize = 16 * 1024;
+/// An empty write buffer up to this size is kept for the next write; a larger one is
+/// given back, so a quiet subscriber costs what its usual batch needs, not the
+/// high-water mark of its busiest moment. (Kept this large so a subscriber writing
+/// batches of a few KiB does not reallocate and regrow its buffer for every batch.)
+const IDLE_WRITE_KEEP: usize = 16 * 1024;
+/// An empty read buffer up to this size is kept: typically the tail of the last read's
+/// allocation, which the frames split from it share anyway. Reads into an empty
+/// buffer go through the shard's scratch buffer and allocate only what arrived.
+const IDLE_READ_KEEP: usize = 16 * 1024;
 /// Past this much unwritten output, stop reading requests (the client must read).
 const WRITE_HIGH_WATER: usize = 1024 * 1024;
 /// Most subscriptions one WebSocket connection may hold (each may own a queue).
@@ -166,7 +172,11 @@ impl Conn {
     async fn run(&mut self) -> io::Result<()> {
         loop {
             match self.proto {
-                Proto::Http => self.process_http().await,
+                // Boxed: request handling awaits topology commits and confirms, and
+                // those futures would otherwise sit inline in every connection's task,
+                // WebSocket subscribers included (2 KiB each instead of a few hundred
+                // bytes). One allocation per batch of requests read.
+                Proto::Http => Box::pin(self.process_http()).await,
                 Proto::Ws(_) => self.process_ws(),
             }
             self.process_events();
@@ -192,6 +202,7 @@ impl Conn {
         let chunk = self.read_chunk;
         let mut read_n = 0usize;
         let Conn {
+            shard,
             stream,
             rbuf,
             wbuf,
@@ -225,7 +236,26 @@ impl Conn {
                     return Poll::Ready(Ok(Wake::Flow));
                 }
             }
-            if reading {
+            if reading && rbuf.is_empty() {
+                // Nothing buffered: read into the shard's scratch and keep only the bytes
+                // that arrived (no buffer held while idle, no zero-filling per poll).
+                let mut scratch = shard.read_scratch(chunk);
+                let r = match scratch.get_mut(..chunk) {
+                    Some(spare) => Pin::new(&mut *stream).poll_read(cx, spare),
+                    None => Poll::Ready(Ok(0)),
+                };
+                match r {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Ok(Wake::Eof)),
+                    Poll::Ready(Ok(n)) => {
+                        rbuf.extend_from_slice(scratch.get(..n).unwrap_or(&[]));
+                        read_n = n;
+                        return Poll::Ready(Ok(Wake::Read));
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {}
+                }
+            } else if reading {
+                // A partial frame or request is buffered: read on after it.
                 let len = rbuf.len();
                 rbuf.resize(len + chunk, 0);
                 let r = match rbuf.get_mut(len..) {
@@ -282,10 +312,10 @@ impl Conn {
 
     /// Gives back large buffers once they are empty.
     fn trim_buffers(&mut self) {
-        if self.rbuf.is_empty() && self.rbuf.capacity() > IDLE_BUFFER_KEEP {
+        if self.rbuf.is_empty() && self.rbuf.capacity() > IDLE_READ_KEEP {
             self.rbuf = BytesMut::new();
         }
-        if self.wbuf.is_empty() && self.wbuf.capacity() > IDLE_BUFFER_KEEP {
+        if self.wbuf.is_empty() && self.wbuf.capacity() > IDLE_WRITE_KEEP {
             self.wbuf = BytesMut::new();
         }
     }

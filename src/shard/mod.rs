@@ -409,6 +409,9 @@ pub struct Shard {
     waiters: RefCell<HashMap<u64, Waiter>>,
     next_token: Cell<u64>,
     next_conn: Cell<u64>,
+    /// Where a connection with an empty read buffer reads into (see
+    /// [`Shard::read_scratch`]).
+    read_scratch: RefCell<Box<[u8]>>,
 }
 
 /// Messages of one durable queue read back at start.
@@ -435,7 +438,20 @@ impl Shard {
             waiters: RefCell::new(HashMap::default()),
             next_token: Cell::new(1),
             next_conn: Cell::new(1),
+            read_scratch: RefCell::new(Box::default()),
         }
+    }
+
+    /// The shard's read scratch buffer, at least `len` bytes. A connection whose read
+    /// buffer is empty reads here and keeps only the bytes that arrived, so an idle
+    /// connection holds no read buffer at all. Borrowed only inside a synchronous
+    /// poll, never across an `await` (connections on one shard never poll at once).
+    pub(crate) fn read_scratch(&self, len: usize) -> std::cell::RefMut<'_, Box<[u8]>> {
+        let mut s = self.read_scratch.borrow_mut();
+        if s.len() < len {
+            *s = vec![0u8; len].into_boxed_slice();
+        }
+        s
     }
 
     pub(crate) fn counters(&self) -> &crate::metrics::ShardCounters {
@@ -1705,6 +1721,10 @@ async fn tick_task(shard: Rc<Shard>) {
         let now = now_ms();
         if now.saturating_sub(last_idle_check) >= 1000 {
             last_idle_check = now;
+            // Hand this thread's deferred frees (replaced topologies, retired inbox
+            // blocks) to the collector and collect: a shard that stops changing the
+            // topology or popping would otherwise keep its last bag of garbage.
+            pin().flush();
             let idle: Vec<Rc<ConnInbox>> = shard
                 .conns
                 .borrow()
