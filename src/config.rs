@@ -63,6 +63,11 @@ pub struct Config {
     #[arg(long, env = "PUBSUB_SPIN_US", default_value_t = 0)]
     pub spin_us: u64,
 
+    /// Move a WebSocket connection to its queue's home shard when its first
+    /// subscription is to a queue homed elsewhere (deliveries then never cross shards).
+    #[arg(long, env = "PUBSUB_MIGRATE_SUBSCRIBERS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate_subscribers: bool,
+
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, env = "PUBSUB_LOG", default_value = "info")]
     pub log: String,

@@ -245,7 +245,8 @@ fn names_are_case_sensitive() {
 /// exchanges' home shards vary too.
 #[test]
 fn cross_shard_delivery_in_order() {
-    let s = Server::with_args(&["--shards", "2"]);
+    // Keep subscribers where they connected, so deliveries really cross shards.
+    let s = Server::with_args(&["--shards", "2", "--migrate-subscribers", "false"]);
     let mut sub = s.ws_on_shard(0);
     let mut publ = s.ws_on_shard(1);
     assert_ne!(sub.shard, publ.shard);
@@ -300,7 +301,8 @@ fn cross_shard_delivery_in_order() {
 /// Manual ack and redelivery when consumer and queue traffic cross shards.
 #[test]
 fn cross_shard_manual_ack_and_redelivery() {
-    let s = Server::with_args(&["--shards", "2"]);
+    // Keep subscribers where they connected, so deliveries really cross shards.
+    let s = Server::with_args(&["--shards", "2", "--migrate-subscribers", "false"]);
     s.topology("ex", "direct", "q", "k");
     let mut a = s.ws_on_shard(0);
     a.subscribe_manual("q", 2);
@@ -337,7 +339,8 @@ fn cross_shard_manual_ack_and_redelivery() {
 /// Competing consumers on different shards share one queue.
 #[test]
 fn cross_shard_competing_consumers() {
-    let s = Server::with_args(&["--shards", "2"]);
+    // Keep subscribers where they connected, so deliveries really cross shards.
+    let s = Server::with_args(&["--shards", "2", "--migrate-subscribers", "false"]);
     s.topology("ex", "direct", "q", "k");
     let mut a = s.ws_on_shard(0);
     a.subscribe("q");

@@ -15,6 +15,7 @@
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -98,7 +99,7 @@ struct WsState {
     pinged_at: Option<u64>,
 }
 
-/// Serves one accepted connection until it closes.
+/// Serves one accepted connection until it closes (or moves to another shard).
 pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let (id, inbox) = shard.register_conn();
@@ -119,6 +120,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         continue_sent: false,
         shard_header: shard.id.to_string(),
         flow: FlowGate::Open,
+        handoff: None,
     };
     if over_limit {
         c.http_error(
@@ -128,8 +130,82 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
             false,
         );
         let _ = c.flush_all().await;
-    } else if let Err(e) = c.run().await {
-        tracing::debug!(conn = id, error = %e, "connection ended");
+        c.finish();
+        shard.unregister_conn(id);
+        return;
+    }
+    drive(c).await;
+}
+
+/// A WebSocket connection moving to another shard: its socket (a duplicate of the
+/// descriptor, so closing the old executor's handle does not close the connection),
+/// its buffers and protocol state, and the `SUBSCRIBE` that made it move, which the
+/// new shard carries out first. glommio reads by readiness (a `recv` into our buffer,
+/// else a poll), so no bytes are in flight in the old executor when it lets go.
+pub struct Handoff {
+    fd: OwnedFd,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    ws: Box<WsState>,
+    subscribe: command::Subscribe,
+    read_chunk: usize,
+    written_total: u64,
+    last_rx: u64,
+}
+
+/// Takes over a connection handed off by another shard.
+pub async fn adopt(shard: Rc<Shard>, h: Handoff) {
+    // SAFETY: `into_raw_fd` hands us sole ownership of an open socket descriptor (the
+    // duplicate made for this hand-off); the stream takes it over and closes it once.
+    let stream = unsafe { TcpStream::from_raw_fd(h.fd.into_raw_fd()) };
+    let (id, inbox) = shard.register_conn();
+    inbox.last_rx.set(h.last_rx);
+    let buffered = h.wbuf.len() as u64;
+    let mut c = Conn {
+        shard: shard.clone(),
+        stream,
+        id,
+        inbox,
+        rbuf: h.rbuf,
+        wbuf: h.wbuf,
+        read_chunk: h.read_chunk,
+        proto: Proto::Ws(h.ws),
+        buffered_total: h.written_total + buffered,
+        written_total: h.written_total,
+        close_after_flush: false,
+        continue_sent: false,
+        shard_header: shard.id.to_string(),
+        flow: FlowGate::Open,
+        handoff: None,
+    };
+    c.ws_subscribe(h.subscribe);
+    drive(c).await;
+}
+
+/// Runs a connection to its end: it closes, fails, or moves to another shard.
+async fn drive(mut c: Conn) {
+    let shard = c.shard.clone();
+    let id = c.id;
+    loop {
+        if let Err(e) = c.run().await {
+            tracing::debug!(conn = id, error = %e, "connection ended");
+            break;
+        }
+        let Some((target, subscribe)) = c.handoff.take() else {
+            break;
+        };
+        match c.hand_off(subscribe) {
+            Ok(h) => {
+                shard.unregister_conn(id);
+                shard.send(target, ShardMsg::Adopt(Box::new(h)));
+                return;
+            }
+            Err((e, subscribe)) => {
+                // Could not duplicate the socket: subscribe here instead.
+                tracing::debug!(conn = id, error = %e, "connection stays on its shard");
+                c.ws_subscribe(subscribe);
+            }
+        }
     }
     c.finish();
     shard.unregister_conn(id);
@@ -153,6 +229,8 @@ struct Conn {
     shard_header: String,
     /// Publisher flow control ([`super::flow`]).
     flow: FlowGate,
+    /// A move to another shard decided by a `SUBSCRIBE`: (shard, that subscribe).
+    handoff: Option<(usize, command::Subscribe)>,
 }
 
 enum Wake {
@@ -178,6 +256,9 @@ impl Conn {
                 // bytes). One allocation per batch of requests read.
                 Proto::Http => Box::pin(self.process_http()).await,
                 Proto::Ws(_) => self.process_ws(),
+            }
+            if self.handoff.is_some() {
+                return Ok(());
             }
             self.process_events();
             self.flow.check(Instant::now());
@@ -643,6 +724,10 @@ impl Conn {
                 self.rbuf.clear();
                 break;
             }
+            if self.handoff.is_some() {
+                // The rest of the buffer is the new shard's to decode.
+                break;
+            }
             match ws.decoder.decode(&mut self.rbuf) {
                 Ok(None) => break,
                 Ok(Some(ws::Event::Text(frame))) => self.ws_text(frame, now),
@@ -752,7 +837,10 @@ impl Conn {
                     Err(e) => self.ws_error(reference.as_deref(), e.code(), &e.to_string(), &[]),
                 }
             }
-            Command::Subscribe(s) => self.ws_subscribe(s),
+            Command::Subscribe(s) => match self.handoff_target(&s) {
+                Some(target) => self.handoff = Some((target, s)),
+                None => self.ws_subscribe(s),
+            },
             Command::Unsubscribe(u) => self.ws_unsubscribe(u),
             Command::Ack { tag, multiple } => self.ws_settle(tag, multiple, None),
             Command::Nack {
@@ -762,6 +850,62 @@ impl Conn {
             } => self.ws_settle(tag, multiple, Some(requeue)),
             _ => self.ws_error(None, "bad_request", "this command is HTTP only", &[]),
         }
+    }
+
+    /// The shard this connection should move to before carrying out `s`: its first
+    /// subscription, to a queue homed on another shard, with nothing of this shard's
+    /// in flight for it (no subscriptions, unacked tags, pending events or confirms).
+    fn handoff_target(&self, s: &command::Subscribe) -> Option<usize> {
+        if !self.shard.shared.config.migrate_subscribers || self.close_after_flush {
+            return None;
+        }
+        let Proto::Ws(ws) = &self.proto else {
+            return None;
+        };
+        if !ws.subs.is_empty() || !ws.tags.is_empty() || !ws.marks.is_empty() || ws.closing {
+            return None;
+        }
+        if !self.inbox.events.borrow().is_empty() || self.shard.confirms_pending_for(self.id) {
+            return None;
+        }
+        let SubscribeTarget::Queue(name) = &s.target else {
+            return None;
+        };
+        let guard = crate::sync::snapshot::pin();
+        let home = self.shard.shared.topology.load(&guard).queue(name)?.home;
+        (home != self.shard.id).then_some(home)
+    }
+
+    /// Packs this connection up for another shard; gives the subscribe back if the
+    /// socket could not be duplicated.
+    fn hand_off(
+        &mut self,
+        subscribe: command::Subscribe,
+    ) -> Result<Handoff, (io::Error, command::Subscribe)> {
+        // SAFETY: the descriptor belongs to `self.stream`, which stays open for the
+        // whole borrow; the borrow only lives long enough to duplicate it.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(self.stream.as_raw_fd()) };
+        let fd = match borrowed.try_clone_to_owned() {
+            Ok(fd) => fd,
+            Err(e) => return Err((e, subscribe)),
+        };
+        let ws = match std::mem::replace(&mut self.proto, Proto::Http) {
+            Proto::Ws(ws) => ws,
+            Proto::Http => {
+                let e = io::Error::other("not a WebSocket connection");
+                return Err((e, subscribe));
+            }
+        };
+        Ok(Handoff {
+            fd,
+            rbuf: std::mem::take(&mut self.rbuf),
+            wbuf: std::mem::take(&mut self.wbuf),
+            ws,
+            subscribe,
+            read_chunk: self.read_chunk,
+            written_total: self.written_total,
+            last_rx: self.inbox.last_rx.get(),
+        })
     }
 
     fn ws_subscribe(&mut self, s: command::Subscribe) {

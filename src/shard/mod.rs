@@ -176,6 +176,9 @@ pub enum ShardMsg {
     },
     /// The queue (homed on the receiver) was deleted.
     DeleteQueue(Arc<QueueHandle>),
+    /// A WebSocket connection moves to the receiver (its first subscription is to a
+    /// queue homed there); see [`conn::Handoff`].
+    Adopt(Box<conn::Handoff>),
     /// Purge the queue and answer `PurgeDone` to `reply`.
     Purge {
         /// The queue.
@@ -512,6 +515,20 @@ impl Shard {
         (n, inbox)
     }
 
+    /// True while a `PUBLISH` with `confirm` from WebSocket connection `conn` waits
+    /// for its answer (such a connection must stay where the answer will come).
+    pub fn confirms_pending_for(&self, conn: u64) -> bool {
+        self.waiters.borrow().values().any(|w| {
+            matches!(
+                w,
+                Waiter::Confirm {
+                    target: ConfirmTarget::Conn { conn: c, .. },
+                    ..
+                } if *c == conn
+            )
+        })
+    }
+
     /// Forgets a connection.
     pub fn unregister_conn(&self, n: u64) {
         if self.conns.borrow_mut().remove(&n).is_some() {
@@ -639,6 +656,10 @@ impl Shard {
                         },
                     );
                 }
+            }
+            ShardMsg::Adopt(h) => {
+                let shard = self.clone();
+                glommio::spawn_local(async move { conn::adopt(shard, *h).await }).detach();
             }
             ShardMsg::Cancelled { id } => {
                 self.to_conn(id.conn, ConnEvent::Cancelled { sub: id.sub })
