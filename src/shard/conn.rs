@@ -105,23 +105,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let (id, inbox) = shard.register_conn();
     let over_limit =
         shard.shared.metrics.connections() > shard.shared.config.max_connections as i64;
-    let mut c = Conn {
-        shard: shard.clone(),
-        stream,
-        id,
-        inbox,
-        rbuf: BytesMut::new(),
-        wbuf: BytesMut::new(),
-        read_chunk: MIN_READ_CHUNK,
-        proto: Proto::Http,
-        buffered_total: 0,
-        written_total: 0,
-        close_after_flush: false,
-        continue_sent: false,
-        shard_header: shard.id.to_string(),
-        flow: FlowGate::Open,
-        handoff: None,
-    };
+    let mut c = Conn::new(shard.clone(), stream, id, inbox);
     if over_limit {
         c.http_error(
             503,
@@ -160,24 +144,13 @@ pub async fn adopt(shard: Rc<Shard>, h: Handoff) {
     let stream = unsafe { TcpStream::from_raw_fd(h.fd.into_raw_fd()) };
     let (id, inbox) = shard.register_conn();
     inbox.last_rx.set(h.last_rx);
-    let buffered = h.wbuf.len() as u64;
-    let mut c = Conn {
-        shard: shard.clone(),
-        stream,
-        id,
-        inbox,
-        rbuf: h.rbuf,
-        wbuf: h.wbuf,
-        read_chunk: h.read_chunk,
-        proto: Proto::Ws(h.ws),
-        buffered_total: h.written_total + buffered,
-        written_total: h.written_total,
-        close_after_flush: false,
-        continue_sent: false,
-        shard_header: shard.id.to_string(),
-        flow: FlowGate::Open,
-        handoff: None,
-    };
+    let mut c = Conn::new(shard, stream, id, inbox);
+    c.buffered_total = h.written_total + h.wbuf.len() as u64;
+    c.written_total = h.written_total;
+    c.rbuf = h.rbuf;
+    c.wbuf = h.wbuf;
+    c.read_chunk = h.read_chunk;
+    c.proto = Proto::Ws(h.ws);
     c.ws_subscribe(h.subscribe);
     drive(c).await;
 }
@@ -243,6 +216,28 @@ enum Wake {
 }
 
 impl Conn {
+    /// A fresh HTTP connection registered as `id` on `shard`.
+    fn new(shard: Rc<Shard>, stream: TcpStream, id: u64, inbox: Rc<ConnInbox>) -> Self {
+        let shard_header = shard.id.to_string();
+        Conn {
+            shard,
+            stream,
+            id,
+            inbox,
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            read_chunk: MIN_READ_CHUNK,
+            proto: Proto::Http,
+            buffered_total: 0,
+            written_total: 0,
+            close_after_flush: false,
+            continue_sent: false,
+            shard_header,
+            flow: FlowGate::Open,
+            handoff: None,
+        }
+    }
+
     fn max_payload(&self) -> usize {
         self.shard.shared.config.max_payload
     }
@@ -261,7 +256,9 @@ impl Conn {
                 return Ok(());
             }
             self.process_events();
-            self.flow.check(Instant::now());
+            if self.flow.engaged() {
+                self.flow.check(Instant::now());
+            }
             self.check_idle();
             self.trim_buffers();
             if self.close_after_flush && self.wbuf.is_empty() {
@@ -936,7 +933,8 @@ impl Conn {
                 out.extend_from_slice(br#","queue_name":"#);
                 out.extend_from_slice(&queue.name_json);
                 out.push(b'}');
-                let mut mid = Vec::with_capacity(48 + id_json.len() + queue.name_json.len());
+                // Exact size: `Bytes::from(Vec)` keeps the whole allocation.
+                let mut mid = Vec::with_capacity(37 + id_json.len() + queue.name_json.len());
                 mid.extend_from_slice(br#","subscription":"#);
                 mid.extend_from_slice(&id_json);
                 mid.extend_from_slice(br#","queue":"#);

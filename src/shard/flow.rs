@@ -65,6 +65,12 @@ impl FlowGate {
         matches!(self, FlowGate::Paused { .. })
     }
 
+    /// True unless the gate is plainly open, i.e. when [`FlowGate::check`] has
+    /// something to look at (so an open connection does not read the clock per wake).
+    pub fn engaged(&self) -> bool {
+        !matches!(self, FlowGate::Open)
+    }
+
     /// A publish went to `queue`, which asks its publishers to pause. True when this
     /// paused the connection (it was reading).
     pub fn hint(&mut self, queue: Arc<QueueHandle>, now: Instant) -> bool {
