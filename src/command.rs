@@ -657,11 +657,9 @@ pub fn decode_frame(frame: &Utf8Bytes, max_payload: usize) -> Result<Command, Co
     let env: Envelope =
         serde_json::from_str(frame.as_str()).map_err(|e| bad(format!("invalid frame: {e}")))?;
     let payload = match env.payload {
+        // Only produced when `type` was already "PUBLISH" (and `type` cannot repeat).
         EnvelopePayload::Publish(b) => {
-            return match env.kind.as_ref() {
-                "PUBLISH" => Ok(Command::Publish(publish_from(input, b, max_payload)?)),
-                other => Err(bad(format!("unknown frame type {other:?}"))),
-            }
+            return Ok(Command::Publish(publish_from(input, b, max_payload)?))
         }
         EnvelopePayload::Raw(raw) => raw.get(),
         EnvelopePayload::Absent => "{}",

@@ -885,23 +885,19 @@ impl Shard {
         let Some(x) = topo.exchange(exchange) else {
             return out;
         };
-        let targets = x.route(key);
-        let mut routed = 0;
-        let mut ticketed = 0;
-        let mut flow = None;
         let weight = msg.weight();
-        targets.for_each(|q| {
+        x.route(key).for_each(|q| {
             if !q.reserve() {
                 return;
             }
-            routed += 1;
+            out.queues += 1;
             let t = if q.spec.durable && msg.persistent {
                 ticket
             } else {
                 None
             };
             if t.is_some() {
-                ticketed += 1;
+                out.ticketed += 1;
             }
             q.inbox.push(Pending {
                 msg: msg.clone(),
@@ -910,17 +906,14 @@ impl Shard {
             if !q.scheduled.swap(true, Ordering::AcqRel) {
                 self.send(q.home, ShardMsg::QueueWork(q.clone()));
             }
-            if flow.is_none() && q.wants_flow() {
-                flow = Some(q.clone());
+            if out.flow.is_none() && q.wants_flow() {
+                out.flow = Some(q.clone());
             }
         });
         let c = self.counters();
         c.memory
-            .fetch_add((weight * routed) as i64, Ordering::Relaxed);
-        c.routed.fetch_add(routed as u64, Ordering::Relaxed);
-        out.queues = routed;
-        out.ticketed = ticketed;
-        out.flow = flow;
+            .fetch_add((weight * out.queues) as i64, Ordering::Relaxed);
+        c.routed.fetch_add(out.queues as u64, Ordering::Relaxed);
         out
     }
 
