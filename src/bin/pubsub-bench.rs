@@ -29,12 +29,13 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Barrier, Mutex};
+use std::sync::{mpsc, Arc, Barrier, LazyLock, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
+use memchr::memmem::Finder;
 use serde_json::json;
 
 use payload::{now_ns, stamp_of, write_payload};
@@ -406,7 +407,8 @@ fn publish_ws(a: &Args, exchange: &str, key: &str, plan: Plan, confirm: bool) ->
 
 /// The `ref` of a `CONFIRM` frame (the publisher put its send time there).
 fn ref_of(frame: &[u8]) -> Option<u64> {
-    let p = payload::find(frame, b"\"ref\"")?;
+    static REF_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"ref\""));
+    let p = REF_KEY.find(frame)?;
     let rest = frame.get(p + 5..)?;
     let q = rest.iter().position(|&b| b == b'"')?;
     let rest = rest.get(q + 1..)?;
@@ -567,6 +569,12 @@ struct SubOut {
     redelivered: u64,
 }
 
+/// What the subscriber looks for in every `MESSAGE` frame (built once: a searcher costs
+/// more to build than a frame costs to search).
+static REDELIVERED: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(b"\"redelivered\":true"));
+static DELIVERY_TAG: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"delivery_tag\""));
+
 /// Subscribes to `queue` and counts deliveries until `target` (set by the publisher once
 /// it knows how many went out) is reached, or nothing arrived for the drain timeout after
 /// the publisher finished.
@@ -628,11 +636,11 @@ fn subscriber(
                 }
                 next_seq = seq + 1;
             }
-            if payload::find(f, b"\"redelivered\":true").is_some() {
+            if REDELIVERED.find(f).is_some() {
                 out.redelivered += 1;
             }
             if manual {
-                if let Some(tag) = payload::num_after(f, b"\"delivery_tag\"") {
+                if let Some(tag) = payload::num_after(f, &DELIVERY_TAG) {
                     last_tag = tag;
                     unacked += 1;
                 }

@@ -572,7 +572,7 @@ impl fanin::Proto for NatsSub {
         let mut pos = 0;
         loop {
             let rest = self.buf.get(pos..).unwrap_or(&[]);
-            let Some(eol) = find(rest, b"\r\n") else {
+            let Some(eol) = payload::find_crlf(rest) else {
                 break;
             };
             let line = rest.get(..eol).unwrap_or(&[]);

@@ -6,7 +6,9 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use super::payload::find;
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
 
 /// Largest response head or body the load generator accepts.
 const MAX_RESPONSE: usize = 8 * 1024 * 1024;
@@ -23,7 +25,9 @@ pub struct Parsed {
 
 /// Parses the response at the front of `buf`, if it is complete.
 pub fn parse_response(buf: &[u8]) -> io::Result<Option<Parsed>> {
-    let Some(h) = find(buf, b"\r\n\r\n") else {
+    // Built once: the pipelined publisher parses one response per message.
+    static HEAD_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n\r\n"));
+    let Some(h) = HEAD_END.find(buf) else {
         if buf.len() > MAX_RESPONSE {
             return Err(io::Error::other("response head too large"));
         }

@@ -54,9 +54,11 @@ pub fn push_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(digits.get(i..).unwrap_or(&[]));
 }
 
-/// Finds `"key"` in `hay` and parses the unsigned integer after its colon.
-pub fn num_after(hay: &[u8], key: &[u8]) -> Option<u64> {
-    num_at(hay, find(hay, key)? + key.len()).map(|(v, _)| v)
+/// Finds the key `key` searches for (`"key"`) in `hay` and parses the unsigned
+/// integer after its colon (pubsub-bench's manual-ack subscriber reads tags with it).
+#[allow(dead_code)]
+pub fn num_after(hay: &[u8], key: &Finder<'_>) -> Option<u64> {
+    num_at(hay, key.find(hay)? + key.needle().len()).map(|(v, _)| v)
 }
 
 /// Parses the unsigned integer after optional `:`/spaces at `at`; returns it and the
@@ -95,11 +97,18 @@ pub fn stamp_of(hay: &[u8]) -> Option<(u64, u64)> {
     Some((t, s))
 }
 
-/// Position of the first occurrence of `needle` in `hay` (SIMD substring search). The
-/// per-frame searches use prebuilt [`Finder`]s instead: building one costs more than
-/// searching a frame, and the client shares the cores with the server it measures.
+/// Position of the first occurrence of `needle` in `hay` (SIMD substring search), for
+/// one-off searches. Per-message searches use prebuilt [`Finder`]s or [`find_crlf`]
+/// instead: building a searcher costs more than searching a frame, and the clients
+/// share the cores with the servers they measure.
 pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     memchr::memmem::find(hay, needle)
+}
+
+/// Position of the first `\r\n` in `hay` (the peers harness parses NATS lines with it).
+#[allow(dead_code)]
+pub fn find_crlf(hay: &[u8]) -> Option<usize> {
+    memchr::memchr_iter(b'\r', hay).find(|&i| hay.get(i + 1) == Some(&b'\n'))
 }
 
 #[cfg(test)]
@@ -114,5 +123,15 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["t"], 123_456_789);
         assert_eq!(stamp_of(&out), Some((123_456_789, 42)));
+    }
+
+    #[test]
+    fn searches_find_what_they_look_for() {
+        assert_eq!(find_crlf(b"MSG a 1 5\r\nhello\r\n"), Some(9));
+        assert_eq!(find_crlf(b"a\rb\r\n"), Some(3));
+        assert_eq!(find_crlf(b"no end\r"), None);
+        let tag = Finder::new(b"\"delivery_tag\"");
+        assert_eq!(num_after(br#"{"delivery_tag":17,"x":1}"#, &tag), Some(17));
+        assert_eq!(num_after(br#"{"x":1}"#, &tag), None);
     }
 }
