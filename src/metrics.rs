@@ -27,6 +27,8 @@ pub struct ShardCounters {
     pub flow_pauses: AtomicU64,
     /// Open connections.
     pub connections: AtomicI64,
+    /// Open WebSocket connections (placement reads these to balance shards).
+    pub websockets: AtomicI64,
     /// Bytes of message bodies held in queues (may go negative per shard; the sum is right).
     pub memory: AtomicI64,
 }
@@ -97,11 +99,25 @@ impl Metrics {
             .sum()
     }
 
+    /// A shard serving at least two WebSocket connections fewer than shard `me` (the
+    /// one serving the fewest), if there is one: moving one connection there evens
+    /// the counts instead of swapping them.
+    pub fn emptier_shard(&self, me: usize) -> Option<usize> {
+        let mine = self.shard(me).websockets.load(Ordering::Relaxed);
+        let (fewest, i) = self
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.websockets.load(Ordering::Relaxed), i))
+            .min()?;
+        (i != me && mine >= fewest + 2).then_some(i)
+    }
+
     /// Renders the Prometheus text exposition, with `extra` gauges appended.
     pub fn render(&self, extra: &[(&str, &str, f64)]) -> String {
         let mut out = String::with_capacity(2048);
         type Getter = fn(&ShardCounters) -> i64;
-        let counters: [(&str, &str, Getter); 9] = [
+        let counters: [(&str, &str, Getter); 10] = [
             (
                 "pubsub_messages_published_total",
                 "Messages accepted by publish.",
@@ -140,6 +156,11 @@ impl Metrics {
             ("pubsub_connections", "Open client connections.", |c| {
                 c.connections.load(Ordering::Relaxed)
             }),
+            (
+                "pubsub_websocket_connections",
+                "Open WebSocket connections.",
+                |c| c.websockets.load(Ordering::Relaxed),
+            ),
             (
                 "pubsub_queue_memory_bytes",
                 "Bytes of messages held in queues.",
@@ -219,5 +240,33 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_websockets(counts: &[i64]) -> Metrics {
+        let m = Metrics::new(counts.len());
+        for (s, &n) in m.shards.iter().zip(counts) {
+            s.websockets.store(n, Ordering::Relaxed);
+        }
+        m
+    }
+
+    #[test]
+    fn emptier_shard_needs_a_gap_of_two() {
+        // A publisher beside its subscriber, the other core idle: move.
+        assert_eq!(with_websockets(&[2, 0]).emptier_shard(0), Some(1));
+        // One each: a move would only swap the imbalance.
+        assert_eq!(with_websockets(&[1, 0]).emptier_shard(0), None);
+        assert_eq!(with_websockets(&[3, 2]).emptier_shard(0), None);
+        // Already on the emptiest shard.
+        assert_eq!(with_websockets(&[0, 5]).emptier_shard(0), None);
+        // The emptiest of several.
+        assert_eq!(with_websockets(&[9, 4, 1, 3]).emptier_shard(0), Some(2));
+        assert_eq!(with_websockets(&[9, 4, 1, 3]).emptier_shard(3), Some(2));
+        assert_eq!(with_websockets(&[9, 4, 2, 3]).emptier_shard(3), None);
     }
 }

@@ -57,6 +57,13 @@ const MAX_SUBSCRIPTIONS: usize = 1024;
 /// Room for the JSON around a payload in a request body or frame.
 const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
 
+/// A round of reads that decoded at least this many `PUBLISH` frames found a backlog:
+/// the client writes faster than this shard takes its frames.
+const BUSY_ROUND_PUBLISHES: u32 = 64;
+/// After this many such rounds in a row, a publisher is worth moving to a less
+/// loaded shard ([`Conn::balance_target`]). A burst does not move anybody.
+const BUSY_ROUNDS: u8 = 8;
+
 /// How long a connection waits before looking again at a backed-up shard.
 const CONGESTION_PAUSE: Duration = Duration::from_micros(200);
 const CONSOLE_HTML: &str = include_str!("console.html");
@@ -97,6 +104,10 @@ struct WsState {
     closing: bool,
     /// When the server pinged an idle client (ms since the epoch), if it did.
     pinged_at: Option<u64>,
+    /// `PUBLISH` frames taken in the current round of reads.
+    round_publishes: u32,
+    /// Consecutive rounds that found a backlog of publishes.
+    busy_rounds: u8,
 }
 
 /// Serves one accepted connection until it closes (or moves to another shard).
@@ -123,15 +134,16 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
 
 /// A WebSocket connection moving to another shard: its socket (a duplicate of the
 /// descriptor, so closing the old executor's handle does not close the connection),
-/// its buffers and protocol state, and the `SUBSCRIBE` that made it move, which the
-/// new shard carries out first. glommio reads by readiness (a `recv` into our buffer,
+/// its buffers and protocol state, and the `SUBSCRIBE` that made it move, if one did,
+/// which the new shard carries out first (a busy publisher moved to balance the
+/// shards brings none). glommio reads by readiness (a `recv` into our buffer,
 /// else a poll), so no bytes are in flight in the old executor when it lets go.
 pub struct Handoff {
     fd: OwnedFd,
     rbuf: BytesMut,
     wbuf: BytesMut,
     ws: Box<WsState>,
-    subscribe: command::Subscribe,
+    subscribe: Option<command::Subscribe>,
     read_chunk: usize,
     written_total: u64,
     last_rx: u64,
@@ -151,7 +163,10 @@ pub async fn adopt(shard: Rc<Shard>, h: Handoff) {
     c.wbuf = h.wbuf;
     c.read_chunk = h.read_chunk;
     c.proto = Proto::Ws(h.ws);
-    c.ws_subscribe(h.subscribe);
+    c.count_websocket(1);
+    if let Some(s) = h.subscribe {
+        c.ws_subscribe(s);
+    }
     drive(c).await;
 }
 
@@ -174,9 +189,11 @@ async fn drive(mut c: Conn) {
                 return;
             }
             Err((e, subscribe)) => {
-                // Could not duplicate the socket: subscribe here instead.
+                // Could not duplicate the socket: stay, and subscribe here instead.
                 tracing::debug!(conn = id, error = %e, "connection stays on its shard");
-                c.ws_subscribe(subscribe);
+                if let Some(s) = subscribe {
+                    c.ws_subscribe(s);
+                }
             }
         }
     }
@@ -202,8 +219,9 @@ struct Conn {
     shard_header: String,
     /// Publisher flow control ([`super::flow`]).
     flow: FlowGate,
-    /// A move to another shard decided by a `SUBSCRIBE`: (shard, that subscribe).
-    handoff: Option<(usize, command::Subscribe)>,
+    /// A move to another shard, decided by a `SUBSCRIBE` (shard, that subscribe) or
+    /// by [`Conn::balance_target`] for a busy publisher (shard, none).
+    handoff: Option<(usize, Option<command::Subscribe>)>,
 }
 
 enum Wake {
@@ -684,6 +702,7 @@ impl Conn {
             Ok(key) => {
                 let shard = self.shard_header.clone();
                 ws::write_101(&mut self.wbuf, &key, &[("x-pubsub-shard", &shard)]);
+                self.count_websocket(1);
                 self.note_buffered();
                 self.proto = Proto::Ws(Box::new(WsState {
                     decoder: ws::Decoder::new(self.max_payload() + ENVELOPE_ALLOWANCE),
@@ -695,6 +714,8 @@ impl Conn {
                     marks: VecDeque::new(),
                     closing: false,
                     pinged_at: None,
+                    round_publishes: 0,
+                    busy_rounds: 0,
                 }));
             }
             Err(e) => {
@@ -747,6 +768,57 @@ impl Conn {
             }
         }
         self.note_buffered();
+        self.note_round();
+    }
+
+    /// Ends a round of reads: counts a round that found a backlog of publishes, and
+    /// after [`BUSY_ROUNDS`] of them asks whether the connection should move.
+    fn note_round(&mut self) {
+        let Proto::Ws(ws) = &mut self.proto else {
+            return;
+        };
+        let busy = ws.round_publishes >= BUSY_ROUND_PUBLISHES;
+        ws.round_publishes = 0;
+        ws.busy_rounds = if busy {
+            ws.busy_rounds.saturating_add(1)
+        } else {
+            0
+        };
+        if ws.busy_rounds < BUSY_ROUNDS || self.handoff.is_some() {
+            return;
+        }
+        ws.busy_rounds = 0;
+        if let Some(target) = self.balance_target() {
+            self.handoff = Some((target, None));
+        }
+    }
+
+    /// The shard a busy publisher should move to: one serving at least two WebSocket
+    /// connections fewer than this one (so the move evens the load rather than
+    /// swapping it, and no connection moves back and forth), for a connection that
+    /// only publishes and has nothing of this shard's in flight (no subscriptions,
+    /// unacked tags, pending events or confirms, no flow-control pause).
+    ///
+    /// A publisher's messages go straight into their queues' inboxes, which keep
+    /// order whichever thread pushes, so a move never reorders what it published.
+    /// Publishing and delivering then run on two cores instead of one: at light load
+    /// a connection stays where it landed, next to its consumers (no hop between
+    /// executors on the way to them); only a backlog moves it.
+    fn balance_target(&self) -> Option<usize> {
+        let shared = &self.shard.shared;
+        if !shared.config.balance_publishers || self.close_after_flush || self.flow.engaged() {
+            return None;
+        }
+        let Proto::Ws(ws) = &self.proto else {
+            return None;
+        };
+        if !ws.subs.is_empty() || !ws.tags.is_empty() || !ws.marks.is_empty() || ws.closing {
+            return None;
+        }
+        if !self.inbox.events.borrow().is_empty() || self.shard.confirms_pending_for(self.id) {
+            return None;
+        }
+        shared.metrics.emptier_shard(self.shard.id)
     }
 
     /// Pings a WebSocket client that has been silent for the idle interval, and closes
@@ -829,13 +901,16 @@ impl Conn {
         match cmd {
             Command::Publish(p) => {
                 let reference = p.reference.clone();
+                if let Proto::Ws(ws) = &mut self.proto {
+                    ws.round_publishes += 1;
+                }
                 match shard.publish(p, now, Some(self.id)) {
                     Ok(published) => self.flow_hint(published.flow),
                     Err(e) => self.ws_error(reference.as_deref(), e.code(), &e.to_string(), &[]),
                 }
             }
             Command::Subscribe(s) => match self.handoff_target(&s) {
-                Some(target) => self.handoff = Some((target, s)),
+                Some(target) => self.handoff = Some((target, Some(s))),
                 None => self.ws_subscribe(s),
             },
             Command::Unsubscribe(u) => self.ws_unsubscribe(u),
@@ -877,8 +952,8 @@ impl Conn {
     /// socket could not be duplicated.
     fn hand_off(
         &mut self,
-        subscribe: command::Subscribe,
-    ) -> Result<Handoff, (io::Error, command::Subscribe)> {
+        subscribe: Option<command::Subscribe>,
+    ) -> Result<Handoff, (io::Error, Option<command::Subscribe>)> {
         // SAFETY: the descriptor belongs to `self.stream`, which stays open for the
         // whole borrow; the borrow only lives long enough to duplicate it.
         let borrowed = unsafe { BorrowedFd::borrow_raw(self.stream.as_raw_fd()) };
@@ -893,6 +968,7 @@ impl Conn {
                 return Err((e, subscribe));
             }
         };
+        self.count_websocket(-1);
         Ok(Handoff {
             fd,
             rbuf: std::mem::take(&mut self.rbuf),
@@ -1196,9 +1272,18 @@ impl Conn {
         }
     }
 
+    /// Counts this connection in (or out of) its shard's open WebSockets.
+    fn count_websocket(&self, delta: i64) {
+        let counters = self.shard.shared.metrics.shard(self.shard.id);
+        counters.websockets.fetch_add(delta, Ordering::Relaxed);
+    }
+
     /// The connection is gone: its subscriptions end, unacked messages go back.
     fn finish(&mut self) {
         let shard = self.shard.clone();
+        if matches!(self.proto, Proto::Ws(_)) {
+            self.count_websocket(-1);
+        }
         if let Proto::Ws(ws) = &mut self.proto {
             let active: Vec<u64> = ws.subs.iter().map(|s| s.n).collect();
             for s in ws.subs.drain(..) {
