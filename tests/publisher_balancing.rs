@@ -11,20 +11,12 @@
 mod common;
 
 use common::*;
-use pubsub::routing::placement;
 use serde_json::json;
 use std::thread;
 use std::time::Duration;
 
 /// Enough pipelined publishes to keep a shard's reads full for many rounds.
 const BURST: u64 = 20_000;
-
-fn queue_on(shard: usize, prefix: &str) -> String {
-    (0..1000)
-        .map(|i| format!("{prefix}{i}"))
-        .find(|n| placement(n, 2) == shard)
-        .expect("some name lands on each shard")
-}
 
 fn published_on(s: &Server, shard: u32) -> u64 {
     let text = s.get("/metrics").body;

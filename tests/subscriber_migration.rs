@@ -9,16 +9,7 @@
 mod common;
 
 use common::*;
-use pubsub::routing::placement;
 use serde_json::json;
-
-/// A queue name homed on `shard` (of 2).
-fn queue_on(shard: usize, prefix: &str) -> String {
-    (0..1000)
-        .map(|i| format!("{prefix}{i}"))
-        .find(|n| placement(n, 2) == shard)
-        .expect("some name lands on each shard")
-}
 
 fn shard_of_subscription(id: &str) -> u64 {
     // "sub-<shard>-<connection>-<n>"

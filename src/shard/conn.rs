@@ -806,19 +806,24 @@ impl Conn {
     /// executors on the way to them); only a backlog moves it.
     fn balance_target(&self) -> Option<usize> {
         let shared = &self.shard.shared;
-        if !shared.config.balance_publishers || self.close_after_flush || self.flow.engaged() {
-            return None;
-        }
-        let Proto::Ws(ws) = &self.proto else {
-            return None;
-        };
-        if !ws.subs.is_empty() || !ws.tags.is_empty() || !ws.marks.is_empty() || ws.closing {
-            return None;
-        }
-        if !self.inbox.events.borrow().is_empty() || self.shard.confirms_pending_for(self.id) {
+        if !shared.config.balance_publishers || self.flow.engaged() || !self.movable() {
             return None;
         }
         shared.metrics.emptier_shard(self.shard.id)
+    }
+
+    /// True for a WebSocket connection with nothing of this shard's in flight for it
+    /// (no subscriptions, unacked tags, pending events or confirms) that is not closing:
+    /// one that can move to another shard.
+    fn movable(&self) -> bool {
+        let Proto::Ws(ws) = &self.proto else {
+            return false;
+        };
+        let idle = ws.subs.is_empty() && ws.tags.is_empty() && ws.marks.is_empty();
+        idle && !ws.closing
+            && !self.close_after_flush
+            && self.inbox.events.borrow().is_empty()
+            && !self.shard.confirms_pending_for(self.id)
     }
 
     /// Pings a WebSocket client that has been silent for the idle interval, and closes
@@ -928,16 +933,7 @@ impl Conn {
     /// subscription, to a queue homed on another shard, with nothing of this shard's
     /// in flight for it (no subscriptions, unacked tags, pending events or confirms).
     fn handoff_target(&self, s: &command::Subscribe) -> Option<usize> {
-        if !self.shard.shared.config.migrate_subscribers || self.close_after_flush {
-            return None;
-        }
-        let Proto::Ws(ws) = &self.proto else {
-            return None;
-        };
-        if !ws.subs.is_empty() || !ws.tags.is_empty() || !ws.marks.is_empty() || ws.closing {
-            return None;
-        }
-        if !self.inbox.events.borrow().is_empty() || self.shard.confirms_pending_for(self.id) {
+        if !self.shard.shared.config.migrate_subscribers || !self.movable() {
             return None;
         }
         let SubscribeTarget::Queue(name) = &s.target else {

@@ -1104,3 +1104,11 @@ impl Backend {
         }
     }
 }
+
+/// A queue name that `pubsub::routing::placement` homes on `shard` of 2.
+pub fn queue_on(shard: usize, prefix: &str) -> String {
+    (0..1000)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|n| pubsub::routing::placement(n, 2) == shard)
+        .expect("some name lands on each shard")
+}
