@@ -199,6 +199,10 @@ pub struct Publish {
     pub headers: Option<Bytes>,
     /// The client's `ref`, as a JSON token (WebSocket only).
     pub reference: Option<Bytes>,
+    /// The exchange name's JSON string token as the client wrote it, when that is the
+    /// token the server would write (no escapes): deliveries then quote the client's
+    /// own bytes instead of sharing the exchange's token across threads.
+    pub exchange_json: Option<Bytes>,
 }
 
 impl Publish {
@@ -338,6 +342,18 @@ fn validate_ref_name(name: &str, what: &str) -> Result<(), CommandError> {
 
 fn json_err(e: serde_json::Error) -> CommandError {
     bad(format!("invalid JSON body: {e}"))
+}
+
+/// The JSON string token around `s` (quotes included) as a slice of `input`, if `s` is
+/// the unescaped contents of a string token in it. A valid name without escapes (no
+/// `"`, `\` or control characters) is then exactly the token `serde_json` writes.
+fn quoted_token(input: &Bytes, s: &str) -> Option<Bytes> {
+    let start = (s.as_ptr() as usize).checked_sub(input.as_ptr() as usize)?;
+    let open = start.checked_sub(1)?;
+    let close = start + s.len();
+    let quoted = input.get(open) == Some(&b'"') && input.get(close) == Some(&b'"');
+    (quoted && !s.bytes().any(|b| b == b'\\' || b == b'"' || b < 0x20))
+        .then(|| input.slice(open..close + 1))
 }
 
 /// A slice of `input` for `s` if `s` points into it, else a copy.
@@ -615,11 +631,16 @@ fn publish_from(
             Some(share(input, raw.get()))
         }
     };
+    let (exchange, exchange_json) = match b.exchange_name {
+        Cow::Borrowed(s) => {
+            let name = share(input, s);
+            (name, quoted_token(input, s))
+        }
+        Cow::Owned(s) => (Bytes::from(s), None),
+    };
     Ok(Publish {
-        exchange: match b.exchange_name {
-            Cow::Borrowed(s) => share(input, s),
-            Cow::Owned(s) => Bytes::from(s),
-        },
+        exchange,
+        exchange_json,
         key,
         key_json,
         payload: share(input, payload_text),

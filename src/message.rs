@@ -48,7 +48,8 @@ impl std::fmt::Debug for MessageId {
 
 /// Makes ids on one shard: a per-process random prefix, the shard, and a counter.
 pub struct IdGen {
-    prefix: u64,
+    /// The prefix's 16 hex digits, written once.
+    prefix: [u8; ID_LEN / 2],
     counter: u64,
 }
 
@@ -74,18 +75,18 @@ impl IdGen {
                 Err(existing) => existing,
             };
         }
-        Self {
-            prefix: salt ^ ((shard as u64) << 56),
-            counter: 0,
-        }
+        let mut prefix = [0u8; ID_LEN / 2];
+        write_hex(&mut prefix, salt ^ ((shard as u64) << 56));
+        Self { prefix, counter: 0 }
     }
 
     /// The next id.
     pub fn next_id(&mut self) -> MessageId {
         self.counter += 1;
         let mut out = [0u8; ID_LEN];
-        write_hex(&mut out[..16], self.prefix);
-        write_hex(&mut out[16..], self.counter);
+        let (prefix, counter) = out.split_at_mut(ID_LEN / 2);
+        prefix.copy_from_slice(&self.prefix);
+        write_hex(counter, self.counter);
         MessageId(out)
     }
 }

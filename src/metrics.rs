@@ -33,6 +33,27 @@ pub struct ShardCounters {
     pub memory: AtomicI64,
 }
 
+/// Adds `n` to one of a shard's own counters. Only the shard's executor writes its
+/// counters (scrapes and other shards only read them), so a plain load and store
+/// does what `fetch_add` would, without a locked read-modify-write on the message
+/// path.
+#[inline]
+pub fn bump(counter: &AtomicU64, n: u64) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(n),
+        Ordering::Relaxed,
+    );
+}
+
+/// [`bump`] for a signed counter (the memory gauge).
+#[inline]
+pub fn bump_i64(counter: &AtomicI64, n: i64) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(n),
+        Ordering::Relaxed,
+    );
+}
+
 /// Persistence core counters.
 #[derive(Default)]
 pub struct PersistCounters {
@@ -88,6 +109,16 @@ impl Metrics {
         self.shards
             .iter()
             .map(|s| s.memory.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Bytes held in queues by every shard but `me`.
+    pub fn memory_except(&self, me: usize) -> i64 {
+        self.shards
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != me)
+            .map(|(_, s)| s.memory.load(Ordering::Relaxed))
             .sum()
     }
 

@@ -733,6 +733,7 @@ impl Conn {
     // ---------------------------------------------------------------- WebSocket
 
     fn process_ws(&mut self) {
+        let _batch = self.shard.batch();
         let now = now_ms();
         loop {
             let Proto::Ws(ws) = &mut self.proto else {

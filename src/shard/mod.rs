@@ -36,11 +36,11 @@ use glommio::{LocalExecutorBuilder, Placement};
 use crate::command::{AckMode, BindingDecl, ExchangeDecl, Publish, QueueDecl, QueueSpec};
 use crate::config::Config;
 use crate::message::{now_ms, IdGen, Message, MessageId};
-use crate::metrics::Metrics;
+use crate::metrics::{bump, bump_i64, Metrics};
 use crate::persist::core::{CoreEnds, PersistMsg};
 use crate::persist::{QueueArgs, Record, Store, StoredMessage};
 use crate::queue::{ConsumerId, Delivery, Effects, QueueState};
-use crate::routing::{ConnKey, Pending, QueueHandle, Ticket, Topology, TopologyError};
+use crate::routing::{ConnKey, Exchange, Pending, QueueHandle, Ticket, Topology, TopologyError};
 use crate::sync::notify::Notify;
 use crate::sync::snapshot::{pin, Snapshot};
 use crate::sync::spsc;
@@ -259,28 +259,38 @@ impl<T: 'static> Link<T> {
         })
     }
 
-    /// Pushes `msg`, ringing the doorbell if the other side parked; a full ring spills
-    /// into the overflow list, which a task moves over as room appears.
+    /// Pushes `msg`, ringing the doorbell if the other side parked.
     fn push(self: &Rc<Self>, msg: T) {
+        if self.push_owing(msg) {
+            self.bell.ring();
+        }
+    }
+
+    /// Pushes `msg`; true when the other side parked and is owed a ring, which the
+    /// caller must give ([`Link::ring`]) before this executor can next park. A full
+    /// ring spills into the overflow list, which a task moves over as room appears.
+    fn push_owing(self: &Rc<Self>, msg: T) -> bool {
         let pushed = if self.overflow.borrow().is_empty() {
             self.ring.borrow_mut().push(msg)
         } else {
             Err(msg)
         };
         match pushed {
-            Ok(()) => {
-                if self.notify.should_wake() {
-                    self.bell.ring();
-                }
-            }
+            Ok(()) => self.notify.should_wake(),
             Err(msg) => {
                 self.overflow.borrow_mut().push_back(msg);
                 if !self.flushing.replace(true) {
                     let link = self.clone();
                     glommio::spawn_local(async move { link.flush_overflow().await }).detach();
                 }
+                false
             }
         }
+    }
+
+    /// Rings the other side's doorbell.
+    fn ring(&self) {
+        self.bell.ring();
     }
 
     fn backed_up(&self) -> bool {
@@ -395,6 +405,39 @@ struct Routed {
     flow: Option<Arc<QueueHandle>>,
 }
 
+/// Publishes between two reads of the other shards' memory gauges, at most.
+const MEMORY_REFRESH: u32 = 64;
+
+/// The other shards' memory gauges as last read ([`Shard::over_memory_high_water`]).
+#[derive(Clone, Copy, Default)]
+struct MemoryCache {
+    others: i64,
+    at_ms: u64,
+    publishes: u32,
+}
+
+/// A batch of sends whose doorbells ring when it ends ([`Shard::batch`]).
+pub struct Batch {
+    shard: Rc<Shard>,
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        let depth = self.shard.batch_depth.get().saturating_sub(1);
+        self.shard.batch_depth.set(depth);
+        if depth > 0 {
+            return;
+        }
+        let owed = std::mem::take(&mut *self.shard.owed_rings.borrow_mut());
+        let links = self.shard.links.borrow();
+        for to in owed {
+            if let Some(Some(link)) = links.get(to) {
+                link.ring();
+            }
+        }
+    }
+}
+
 /// One shard: its links, its queues, its connections.
 pub struct Shard {
     /// This shard's number.
@@ -402,6 +445,12 @@ pub struct Shard {
     /// What all shards share.
     pub shared: Arc<Shared>,
     links: RefCell<Vec<Option<Rc<Link<ShardMsg>>>>>,
+    /// The other shards' memory gauges, summed ([`Shard::over_memory_high_water`]).
+    memory_others: Cell<MemoryCache>,
+    /// Open [`Batch`]es (nesting depth).
+    batch_depth: Cell<u32>,
+    /// Shards owed a doorbell ring when the outermost batch ends.
+    owed_rings: RefCell<Vec<usize>>,
     persist: RefCell<Option<Rc<Link<PersistMsg>>>>,
     local: RefCell<VecDeque<ShardMsg>>,
     local_signal: Signal,
@@ -431,6 +480,9 @@ impl Shard {
             id,
             shared,
             links: RefCell::new(Vec::new()),
+            memory_others: Cell::new(MemoryCache::default()),
+            batch_depth: Cell::new(0),
+            owed_rings: RefCell::new(Vec::new()),
             persist: RefCell::new(None),
             local: RefCell::new(VecDeque::new()),
             local_signal: Signal::default(),
@@ -470,8 +522,30 @@ impl Shard {
         }
         let link = self.links.borrow().get(to).and_then(|l| l.clone());
         match link {
+            Some(link) if self.batch_depth.get() > 0 => {
+                if link.push_owing(msg) {
+                    let mut owed = self.owed_rings.borrow_mut();
+                    if !owed.contains(&to) {
+                        owed.push(to);
+                    }
+                }
+            }
             Some(link) => link.push(msg),
             None => tracing::error!(from = self.id, to, "no link to shard; message dropped"),
+        }
+    }
+
+    /// Opens a batch: until the returned guard drops, a shard this one wakes is rung
+    /// once, at the end, instead of at the first message it is sent. A publisher's
+    /// round of reads (hundreds of frames under load) then wakes a parked shard with
+    /// all of them at once rather than with the first few, then again and again; at
+    /// light load a round is one frame and the ring comes as soon as it is handled.
+    /// Batches nest; the outermost one rings. Nothing awaits inside a batch (the guard
+    /// is not held across an `.await`), so no owed ring waits on this shard parking.
+    pub fn batch(self: &Rc<Self>) -> Batch {
+        self.batch_depth.set(self.batch_depth.get() + 1);
+        Batch {
+            shard: self.clone(),
         }
     }
 
@@ -749,9 +823,7 @@ impl Shard {
                     );
                 }
             }
-            self.counters()
-                .memory
-                .fetch_sub(freed as i64, Ordering::Relaxed);
+            bump_i64(&self.counters().memory, -(freed as i64));
             return;
         }
         self.with_queue_create(h, |q, fx| {
@@ -765,9 +837,7 @@ impl Shard {
     /// Carries out what an operation on queue `src` asked for.
     fn apply(self: &Rc<Self>, fx: &mut Effects, src: &Arc<QueueHandle>) {
         if fx.freed > 0 {
-            self.counters()
-                .memory
-                .fetch_sub(fx.freed as i64, Ordering::Relaxed);
+            bump_i64(&self.counters().memory, -(fx.freed as i64));
             fx.freed = 0;
         }
         // Remote deliveries go as one batch per shard.
@@ -881,10 +951,21 @@ impl Shard {
         msg: &Arc<Message>,
         ticket: Option<Ticket>,
     ) -> Routed {
+        match topo.exchange(exchange) {
+            Some(x) => self.route_via(x, key, msg, ticket),
+            None => Routed::default(),
+        }
+    }
+
+    /// Routes `msg` through exchange `x` (already looked up) with `key`.
+    fn route_via(
+        self: &Rc<Self>,
+        x: &Exchange,
+        key: &str,
+        msg: &Arc<Message>,
+        ticket: Option<Ticket>,
+    ) -> Routed {
         let mut out = Routed::default();
-        let Some(x) = topo.exchange(exchange) else {
-            return out;
-        };
         let weight = msg.weight();
         x.route(key).for_each(|q| {
             if !q.reserve() {
@@ -911,32 +992,57 @@ impl Shard {
             }
         });
         let c = self.counters();
-        c.memory
-            .fetch_add((weight * out.queues) as i64, Ordering::Relaxed);
-        c.routed.fetch_add(out.queues as u64, Ordering::Relaxed);
+        bump_i64(&c.memory, (weight * out.queues) as i64);
+        bump(&c.routed, out.queues as u64);
         out
+    }
+
+    /// True when the bytes held in queues are past `--memory-high-water`. Every shard
+    /// adds what it publishes to its own gauge; the other shards' gauges are lines
+    /// their executors write all the time, so reading them on every publish would
+    /// cost a cache miss per message. Their sum is cached and read again each
+    /// millisecond or [`MEMORY_REFRESH`] publishes, and on every publish once the
+    /// estimate is within an eighth of the limit: far from it a stale sum cannot
+    /// matter, near it the check is exact.
+    fn over_memory_high_water(&self, now_ms: u64) -> bool {
+        let limit = self.shared.config.memory_high_water as i64;
+        let mine = self.counters().memory.load(Ordering::Relaxed);
+        let mut cache = self.memory_others.get();
+        cache.publishes += 1;
+        if cache.publishes >= MEMORY_REFRESH
+            || cache.at_ms != now_ms
+            || mine.saturating_add(cache.others) > limit - limit / 8
+        {
+            cache = MemoryCache {
+                others: self.shared.metrics.memory_except(self.id),
+                at_ms: now_ms,
+                publishes: 0,
+            };
+        }
+        self.memory_others.set(cache);
+        mine.saturating_add(cache.others) > limit
     }
 
     /// Publishes: routes the message and, for `confirm`, arranges the answer.
     /// `conn` is the WebSocket connection to answer with `CONFIRM` (else HTTP waits).
     pub fn publish(
         self: &Rc<Self>,
-        p: Publish,
+        mut p: Publish,
         now: u64,
         conn: Option<u64>,
     ) -> Result<Published, BrokerError> {
-        if self.shared.metrics.memory() > self.shared.config.memory_high_water as i64 {
+        if self.over_memory_high_water(now) {
             return Err(BrokerError::ResourceLimit);
         }
         let guard = pin();
         let topo = self.shared.topology.load(&guard);
-        let exchange_bytes = p.exchange.clone();
+        let exchange_bytes = std::mem::take(&mut p.exchange);
         let exchange = std::str::from_utf8(&exchange_bytes).unwrap_or("");
         let Some(x) = topo.exchange(exchange) else {
             return Err(TopologyError::NoExchange(exchange.to_owned()).into());
         };
-        let key = std::str::from_utf8(&p.key).unwrap_or("");
         if p.persistent {
+            let key = std::str::from_utf8(&p.key).unwrap_or("");
             let down = self.shared.store_down.load(Ordering::Acquire);
             let backlogged = self.shared.store_backlogged.load(Ordering::Acquire);
             if down || backlogged {
@@ -956,8 +1062,11 @@ impl Shard {
         let id = self.ids.borrow_mut().next_id();
         let msg = Arc::new(Message {
             id,
-            exchange_json: x.name_json.clone(),
-            routing_key: p.key.clone(),
+            exchange_json: p
+                .exchange_json
+                .take()
+                .unwrap_or_else(|| x.name_json.clone()),
+            routing_key: p.key,
             routing_key_json: p.key_json,
             body: p.payload,
             headers: p.headers,
@@ -973,11 +1082,16 @@ impl Shard {
             queues: routed,
             ticketed,
             flow,
-        } = self.route(topo, exchange, key, &msg, ticket);
+        } = self.route_via(
+            x,
+            std::str::from_utf8(&msg.routing_key).unwrap_or(""),
+            &msg,
+            ticket,
+        );
         let c = self.counters();
-        c.published.fetch_add(1, Ordering::Relaxed);
+        bump(&c.published, 1);
         if routed == 0 {
-            c.unroutable.fetch_add(1, Ordering::Relaxed);
+            bump(&c.unroutable, 1);
         }
         let mut confirm = None;
         if let Some(t) = ticket {
@@ -1685,14 +1799,19 @@ async fn ring_task(
 ) {
     loop {
         let mut n = 0;
+        let mut batch = Some(shard.batch());
         while let Some(m) = ring.pop() {
             shard.handle(m);
             n += 1;
             if n == RING_BATCH {
                 n = 0;
+                // Ring what is owed before letting other tasks (or the parker) run.
+                drop(batch.take());
                 glommio::yield_if_needed().await;
+                batch = Some(shard.batch());
             }
         }
+        drop(batch);
         notify.prepare_park();
         if !ring.is_empty() {
             notify.cancel_park();
