@@ -68,11 +68,13 @@ pub struct Config {
     #[arg(long, env = "PUBSUB_MIGRATE_SUBSCRIBERS", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate_subscribers: bool,
 
-    /// Move a WebSocket connection that only publishes, and whose reads keep finding
-    /// a backlog, to a shard serving at least two WebSocket connections fewer (so
-    /// publishing and delivering run on two cores; at light load nothing moves).
-    #[arg(long, env = "PUBSUB_BALANCE_PUBLISHERS", default_value_t = true, action = clap::ArgAction::Set)]
-    pub balance_publishers: bool,
+    /// Place WebSocket connections that only publish: after its first round of
+    /// publishes, a light one moves to the shard of the queues they went to (no hop
+    /// between executors on the way to its consumers); one whose reads keep finding
+    /// a backlog moves to a shard serving at least two WebSocket connections fewer
+    /// (publishing and delivering then run on two cores).
+    #[arg(long, env = "PUBSUB_PLACE_PUBLISHERS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub place_publishers: bool,
 
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, env = "PUBSUB_LOG", default_value = "info")]

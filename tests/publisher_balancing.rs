@@ -111,6 +111,45 @@ fn light_publisher_stays_beside_its_subscriber() {
 }
 
 #[test]
+fn light_publisher_joins_its_queues_shard() {
+    let s = Server::with_args(&["--shards", "2"]);
+    let q = queue_on(1, "join");
+    s.topology("ex", "direct", &q, "k");
+    let mut sub = s.ws_on_shard(1);
+    sub.subscribe(&q);
+    let mut p = s.ws_on_shard(0);
+    for i in 0..50u64 {
+        p.publish_raw("ex", "k", &i.to_string(), "");
+        assert_eq!(sub.expect_message()["body"], i);
+    }
+    // The first publish was taken where the connection landed; then it moved.
+    assert_eq!(published_on(&s, 0), 1);
+    assert_eq!(published_on(&s, 1), 49);
+    p.publish_raw("ex", "k", "50", r#","confirm":true,"ref":"moved""#);
+    assert_eq!(p.expect_type("CONFIRM")["ref"], "moved");
+    assert_eq!(sub.expect_message()["body"], 50);
+}
+
+#[test]
+fn a_publisher_to_queues_on_both_shards_stays() {
+    let s = Server::with_args(&["--shards", "2"]);
+    let (q0, q1) = (queue_on(0, "fan"), queue_on(1, "fan"));
+    s.exchange("fx", "fanout");
+    s.queue(&q0);
+    s.queue(&q1);
+    s.bind("fx", &q0, "");
+    s.bind("fx", &q1, "");
+    let mut p = s.ws_on_shard(0);
+    for i in 0..20u64 {
+        p.publish_raw("fx", "", &i.to_string(), "");
+    }
+    p.publish_raw("fx", "", "20", r#","confirm":true,"ref":"end""#);
+    assert_eq!(p.expect_type("CONFIRM")["routed"], 2);
+    assert_eq!(published_on(&s, 0), 21);
+    assert_eq!(published_on(&s, 1), 0);
+}
+
+#[test]
 fn a_publisher_that_also_subscribes_stays() {
     let s = Server::with_args(&["--shards", "2"]);
     let q = queue_on(1, "both");
@@ -128,7 +167,7 @@ fn a_publisher_that_also_subscribes_stays() {
 
 #[test]
 fn balancing_can_be_turned_off() {
-    let s = Server::with_args(&["--shards", "2", "--balance-publishers", "false"]);
+    let s = Server::with_args(&["--shards", "2", "--place-publishers", "false"]);
     let q = queue_on(1, "off");
     s.topology("ex", "direct", &q, "k");
     let got = collect(&s, 1, &q, BURST + 1);

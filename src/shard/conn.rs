@@ -35,7 +35,7 @@ use crate::routing::QueueHandle;
 use crate::ws;
 
 use super::flow::{FlowGate, FLOW_POLL};
-use super::{BrokerError, ConnEvent, ConnInbox, Shard, ShardMsg};
+use super::{BrokerError, ConnEvent, ConnInbox, Homes, Shard, ShardMsg};
 
 /// Bytes asked of the socket per read at first; doubled while reads fill it.
 const MIN_READ_CHUNK: usize = 4 * 1024;
@@ -108,6 +108,10 @@ struct WsState {
     round_publishes: u32,
     /// Consecutive rounds that found a backlog of publishes.
     busy_rounds: u8,
+    /// Where the current round's publishes went.
+    round_homes: Homes,
+    /// The first round of publishes has been looked at for [`Conn::join_target`].
+    placed: bool,
 }
 
 /// Serves one accepted connection until it closes (or moves to another shard).
@@ -210,6 +214,8 @@ struct Conn {
     wbuf: BytesMut,
     /// Bytes asked of the next read.
     read_chunk: usize,
+    /// The last read filled all it asked for: the client is ahead of us.
+    read_full: bool,
     proto: Proto,
     buffered_total: u64,
     written_total: u64,
@@ -245,6 +251,7 @@ impl Conn {
             rbuf: BytesMut::new(),
             wbuf: BytesMut::new(),
             read_chunk: MIN_READ_CHUNK,
+            read_full: false,
             proto: Proto::Http,
             buffered_total: 0,
             written_total: 0,
@@ -384,6 +391,7 @@ impl Conn {
         }
         if matches!(wake, Wake::Read) {
             self.inbox.last_rx.set(now_ms());
+            self.read_full = read_n >= chunk;
             // A full read asks for more next time; a small one goes back to small.
             if read_n >= chunk && chunk < MAX_READ_CHUNK {
                 self.read_chunk = chunk * 2;
@@ -716,6 +724,8 @@ impl Conn {
                     pinged_at: None,
                     round_publishes: 0,
                     busy_rounds: 0,
+                    round_homes: Homes::None,
+                    placed: false,
                 }));
             }
             Err(e) => {
@@ -779,11 +789,24 @@ impl Conn {
             return;
         };
         let busy = ws.round_publishes >= BUSY_ROUND_PUBLISHES;
+        let first = !ws.placed && ws.round_publishes > 0;
+        let homes = std::mem::take(&mut ws.round_homes);
         ws.round_publishes = 0;
         ws.busy_rounds = if busy {
             ws.busy_rounds.saturating_add(1)
         } else {
             0
+        };
+        if first {
+            ws.placed = true;
+            // A read that filled all it asked for means the client is ahead of us:
+            // not a light publisher, whatever this round held.
+            if !busy && !self.read_full && self.handoff.is_none() {
+                self.handoff = self.join_target(homes).map(|t| (t, None));
+            }
+        }
+        let Proto::Ws(ws) = &mut self.proto else {
+            return;
         };
         if ws.busy_rounds < BUSY_ROUNDS || self.handoff.is_some() {
             return;
@@ -792,6 +815,20 @@ impl Conn {
         if let Some(target) = self.balance_target() {
             self.handoff = Some((target, None));
         }
+    }
+
+    /// The shard a light publisher should move to after its first round of
+    /// publishes: the one shard every queue they went to lives on, if that is not
+    /// this one. Its messages then go from its socket to its consumers' sockets on one
+    /// executor, with no hop (and no wake-up of a parked executor) in between: at
+    /// light load that hop is most of the latency a shard adds. A publisher that
+    /// later keeps its reads backed up moves away again ([`Conn::balance_target`]).
+    fn join_target(&self, homes: Homes) -> Option<usize> {
+        let Homes::One(home) = homes else {
+            return None;
+        };
+        let placing = self.shard.shared.config.place_publishers;
+        (placing && home != self.shard.id && !self.flow.engaged() && self.movable()).then_some(home)
     }
 
     /// The shard a busy publisher should move to: one serving at least two WebSocket
@@ -807,7 +844,7 @@ impl Conn {
     /// executors on the way to them); only a backlog moves it.
     fn balance_target(&self) -> Option<usize> {
         let shared = &self.shard.shared;
-        if !shared.config.balance_publishers || self.flow.engaged() || !self.movable() {
+        if !shared.config.place_publishers || self.flow.engaged() || !self.movable() {
             return None;
         }
         shared.metrics.emptier_shard(self.shard.id)
@@ -911,7 +948,12 @@ impl Conn {
                     ws.round_publishes += 1;
                 }
                 match shard.publish(p, now, Some(self.id)) {
-                    Ok(published) => self.flow_hint(published.flow),
+                    Ok(published) => {
+                        if let Proto::Ws(ws) = &mut self.proto {
+                            ws.round_homes.merge(published.homes);
+                        }
+                        self.flow_hint(published.flow)
+                    }
                     Err(e) => self.ws_error(reference.as_deref(), e.code(), &e.to_string(), &[]),
                 }
             }

@@ -392,6 +392,41 @@ pub struct Published {
     /// A queue it went to whose consumers are behind: the publishing connection should
     /// stop reading until that queue drains (publisher flow control).
     pub flow: Option<Arc<QueueHandle>>,
+    /// The shards whose queues took it.
+    pub homes: Homes,
+}
+
+/// The home shards of the queues some messages went to, as far as placing their
+/// publisher needs to know: none, exactly one, or several.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Homes {
+    /// No queue took them.
+    #[default]
+    None,
+    /// Every queue that took them lives on this shard.
+    One(usize),
+    /// Queues on more than one shard.
+    Many,
+}
+
+impl Homes {
+    /// Adds shard `home`.
+    pub fn add(&mut self, home: usize) {
+        *self = match *self {
+            Homes::None => Homes::One(home),
+            Homes::One(h) if h == home => Homes::One(h),
+            _ => Homes::Many,
+        };
+    }
+
+    /// Adds every shard of `other`.
+    pub fn merge(&mut self, other: Homes) {
+        match other {
+            Homes::None => {}
+            Homes::One(h) => self.add(h),
+            Homes::Many => *self = Homes::Many,
+        }
+    }
 }
 
 /// What routing one message did.
@@ -403,6 +438,8 @@ struct Routed {
     ticketed: usize,
     /// A queue over its flow-control mark.
     flow: Option<Arc<QueueHandle>>,
+    /// Where those queues live.
+    homes: Homes,
 }
 
 /// Publishes between two reads of the other shards' memory gauges, at most.
@@ -972,6 +1009,7 @@ impl Shard {
                 return;
             }
             out.queues += 1;
+            out.homes.add(q.home);
             let t = if q.spec.durable && msg.persistent {
                 ticket
             } else {
@@ -1082,6 +1120,7 @@ impl Shard {
             queues: routed,
             ticketed,
             flow,
+            homes,
         } = self.route_via(
             x,
             std::str::from_utf8(&msg.routing_key).unwrap_or(""),
@@ -1126,6 +1165,7 @@ impl Shard {
             routed,
             confirm,
             flow,
+            homes,
         })
     }
 
