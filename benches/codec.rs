@@ -1,15 +1,16 @@
 //! Micro-benchmarks of the I/O-free codecs on the broker's hot paths: parsing a typical
 //! `POST /publish` request, decoding a masked 200-byte WebSocket text frame, decoding a
-//! `PUBLISH` frame into its command, and encoding a 128-byte `MESSAGE` frame from its
-//! parts. Run with `cargo bench --bench codec`.
+//! `PUBLISH` frame into its command, and writing the `MESSAGE` frame of a 128-byte
+//! message. Run with `cargo bench --bench codec`.
 
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use pubsub::command::{decode_frame, Command};
 use pubsub::http::{parse_request, Limits};
-use pubsub::ws::{write_text_parts, Decoder, Event, Utf8Bytes};
+use pubsub::message::{write_frame, IdGen, Message};
+use pubsub::ws::{Decoder, Event, Utf8Bytes};
 
 const PUBLISH_BODY: &str =
     r#"{"exchange_name":"orders","key":"eu.order.created","payload":{"id":42,"amount":19.99}}"#;
@@ -86,19 +87,33 @@ fn publish_decode(c: &mut Criterion) {
 }
 
 fn ws_encode(c: &mut Criterion) {
-    let prefix: &[u8] = br#"{"type":"MESSAGE","unique_id":"01JDQ8Z3K4M5N6P7Q8R9S0T1V2","body":"#;
-    let suffix: &[u8] = br#","delivery_tag":17,"redelivered":false}"#;
-    let body_len = 128 - prefix.len() - suffix.len();
-    let body = format!("\"{}\"", "x".repeat(body_len - 2)).into_bytes();
+    // One delivery's `MESSAGE` frame, as a subscriber's connection writes it.
+    let msg = Message {
+        id: IdGen::new(0).next_id(),
+        exchange_json: Bytes::from_static(br#""bench.x""#),
+        routing_key: Bytes::from_static(b"k"),
+        routing_key_json: Bytes::from_static(br#""k""#),
+        body: Bytes::from(format!(
+            r#"{{"t":123456789012,"s":4242,"p":"{}"}}"#,
+            "x".repeat(92)
+        )),
+        headers: None,
+        published_at: 1_764_000_000_000,
+        expires_at: None,
+        persistent: false,
+    };
+    let mid: &[u8] = br#","subscription":"sub-0-3-1","queue":"bench.q","exchange":"#;
     let mut group = c.benchmark_group("ws");
-    group.throughput(Throughput::Bytes(128));
+    group.throughput(Throughput::Elements(1));
     group.bench_function("encode_message_128", |b| {
         let mut out = BytesMut::with_capacity(64 * 1024);
+        let mut tag = 0u64;
         b.iter(|| {
             if out.len() > 60 * 1024 {
                 out.clear();
             }
-            write_text_parts(&mut out, &[prefix, &body, suffix]);
+            tag += 1;
+            write_frame(&mut out, black_box(&msg), mid, tag, false);
             black_box(out.len())
         })
     });

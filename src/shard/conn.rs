@@ -1210,39 +1210,12 @@ impl Conn {
                 let tag = ws.next_tag;
                 ws.next_tag += 1;
                 let e = &delivery.entry;
-                let m = &e.msg;
-                let mut tag_buf = itoa_buf();
-                let tag_s = fmt_u64(&mut tag_buf, tag);
-                let mut ts_buf = itoa_buf();
-                let ts_s = fmt_u64(&mut ts_buf, m.published_at);
-                let redelivered: &[u8] = if e.redelivered { b"true" } else { b"false" };
-                let headers_prefix: &[u8] = if m.headers.is_some() {
-                    br#","headers":"#
-                } else {
-                    b""
-                };
-                let headers: &[u8] = m.headers.as_deref().unwrap_or(b"");
-                ws::write_text_parts(
+                crate::message::write_frame(
                     &mut self.wbuf,
-                    &[
-                        br#"{"type":"MESSAGE","unique_id":""#,
-                        m.id.as_bytes(),
-                        br#"","body":"#,
-                        &m.body,
-                        &s.frame_mid,
-                        &m.exchange_json,
-                        br#","routing_key":"#,
-                        &m.routing_key_json,
-                        br#","delivery_tag":"#,
-                        tag_s,
-                        br#","redelivered":"#,
-                        redelivered,
-                        br#","published_at":"#,
-                        ts_s,
-                        headers_prefix,
-                        headers,
-                        b"}",
-                    ],
+                    &e.msg,
+                    &s.frame_mid,
+                    tag,
+                    e.redelivered,
                 );
                 match s.mode {
                     AckMode::Manual => {
@@ -1392,23 +1365,4 @@ fn error_body(code: &str, message: &str) -> Vec<u8> {
     http::json::write_escaped_str(&mut out, message);
     out.extend_from_slice(b"}}");
     out
-}
-
-fn itoa_buf() -> [u8; 20] {
-    [0u8; 20]
-}
-
-fn fmt_u64(buf: &mut [u8; 20], mut v: u64) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        if let Some(slot) = buf.get_mut(i) {
-            *slot = b'0' + (v % 10) as u8;
-        }
-        v /= 10;
-        if v == 0 || i == 0 {
-            break;
-        }
-    }
-    buf.get(i..).unwrap_or(b"0")
 }

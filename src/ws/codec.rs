@@ -267,6 +267,11 @@ pub fn write_frame_header(out: &mut BytesMut, opcode: OpCode, len: usize) {
     }
 }
 
+/// Appends the header of a text frame whose `len` payload bytes the caller appends next.
+pub fn write_text_header(out: &mut BytesMut, len: usize) {
+    write_frame_header(out, OpCode::Data(Data::Text), len);
+}
+
 /// Appends one text frame carrying `payload` (which must be UTF-8).
 pub fn write_text(out: &mut BytesMut, payload: &[u8]) {
     write_text_parts(out, &[payload]);
