@@ -877,25 +877,47 @@ impl Shard {
             bump_i64(&self.counters().memory, -(fx.freed as i64));
             fx.freed = 0;
         }
-        // Remote deliveries go as one batch per shard.
+        // Remote deliveries go as one batch per shard. Local ones go straight into
+        // their connections' mailboxes; a run of deliveries to one connection (the
+        // usual case: one consumer takes a whole dispatch) looks it up and wakes it
+        // once.
         let mut remote: Vec<(usize, Vec<(ConsumerId, Delivery)>)> = Vec::new();
+        let mut last: Option<(u64, Rc<ConnInbox>)> = None;
         for (id, delivery) in fx.deliveries.drain(..) {
             if id.shard == self.id {
-                self.to_conn(
-                    id.conn,
-                    ConnEvent::Deliver {
-                        sub: id.sub,
-                        queue: src.id,
-                        home: self.id,
-                        delivery,
-                    },
-                );
+                let ev = ConnEvent::Deliver {
+                    sub: id.sub,
+                    queue: src.id,
+                    home: self.id,
+                    delivery,
+                };
+                if let Some((conn, inbox)) = &last {
+                    if *conn == id.conn {
+                        inbox.events.borrow_mut().push_back(ev);
+                        continue;
+                    }
+                }
+                if let Some((_, inbox)) = last.take() {
+                    inbox.signal.notify();
+                }
+                let inbox = self.conns.borrow().get(&id.conn).cloned();
+                match inbox {
+                    Some(inbox) => {
+                        inbox.events.borrow_mut().push_back(ev);
+                        last = Some((id.conn, inbox));
+                    }
+                    // Gone: `to_conn` hands the delivery back to its queue.
+                    None => self.to_conn(id.conn, ev),
+                }
             } else {
                 match remote.iter_mut().find(|(shard, _)| *shard == id.shard) {
                     Some((_, batch)) => batch.push((id, delivery)),
                     None => remote.push((id.shard, vec![(id, delivery)])),
                 }
             }
+        }
+        if let Some((_, inbox)) = last {
+            inbox.signal.notify();
         }
         for (shard, deliveries) in remote {
             self.send(
