@@ -181,7 +181,8 @@ pub struct BindingDecl {
 /// A publish, from `POST /publish` or a `PUBLISH` frame.
 #[derive(Debug, Clone)]
 pub struct Publish {
-    /// Target exchange name (UTF-8).
+    /// Target exchange name (UTF-8); empty when `exchange_json` holds it (see
+    /// [`Publish::exchange_str`]).
     pub exchange: Bytes,
     /// Routing key, decoded.
     pub key: Bytes,
@@ -208,7 +209,11 @@ pub struct Publish {
 impl Publish {
     /// The exchange name as text.
     pub fn exchange_str(&self) -> &str {
-        std::str::from_utf8(&self.exchange).unwrap_or("")
+        let name = match &self.exchange_json {
+            Some(token) => token.get(1..token.len().saturating_sub(1)).unwrap_or(&[]),
+            None => &self.exchange,
+        };
+        std::str::from_utf8(name).unwrap_or("")
     }
 }
 
@@ -332,7 +337,12 @@ pub fn validate_name(name: &str, what: &str) -> Result<(), CommandError> {
 
 /// Checks a name used to refer to an existing object (reserved names allowed).
 fn validate_ref_name(name: &str, what: &str) -> Result<(), CommandError> {
-    if name.is_empty() || name.len() > MAX_NAME_BYTES || name.chars().any(char::is_control) {
+    // Printable ASCII, the usual case, needs no decoding into chars.
+    let printable = name.bytes().all(|b| (0x20..0x7f).contains(&b));
+    if name.is_empty()
+        || name.len() > MAX_NAME_BYTES
+        || (!printable && name.chars().any(char::is_control))
+    {
         return Err(bad(format!(
             "{what} name must be 1 to {MAX_NAME_BYTES} bytes with no control characters"
         )));
@@ -345,15 +355,15 @@ fn json_err(e: serde_json::Error) -> CommandError {
 }
 
 /// The JSON string token around `s` (quotes included) as a slice of `input`, if `s` is
-/// the unescaped contents of a string token in it. A valid name without escapes (no
-/// `"`, `\` or control characters) is then exactly the token `serde_json` writes.
+/// the contents of a string token in it that `serde_json` borrowed: borrowed contents
+/// had no escapes, so they hold no `"`, `\` or control character (`serde_json` refuses
+/// those raw), and the token is exactly the one `serde_json` would write for `s`.
 fn quoted_token(input: &Bytes, s: &str) -> Option<Bytes> {
     let start = (s.as_ptr() as usize).checked_sub(input.as_ptr() as usize)?;
     let open = start.checked_sub(1)?;
     let close = start + s.len();
     let quoted = input.get(open) == Some(&b'"') && input.get(close) == Some(&b'"');
-    (quoted && !s.bytes().any(|b| b == b'\\' || b == b'"' || b < 0x20))
-        .then(|| input.slice(open..close + 1))
+    quoted.then(|| input.slice(open..close + 1))
 }
 
 /// A slice of `input` for `s` if `s` points into it, else a copy.
@@ -631,11 +641,13 @@ fn publish_from(
             Some(share(input, raw.get()))
         }
     };
+    // One slice of the frame for the name and its token (every slice is a refcount
+    // update on the read buffer, which the delivering shard then undoes).
     let (exchange, exchange_json) = match b.exchange_name {
-        Cow::Borrowed(s) => {
-            let name = share(input, s);
-            (name, quoted_token(input, s))
-        }
+        Cow::Borrowed(s) => match quoted_token(input, s) {
+            Some(token) => (Bytes::new(), Some(token)),
+            None => (share(input, s), None),
+        },
         Cow::Owned(s) => (Bytes::from(s), None),
     };
     Ok(Publish {

@@ -1096,8 +1096,7 @@ impl Shard {
         }
         let guard = pin();
         let topo = self.shared.topology.load(&guard);
-        let exchange_bytes = std::mem::take(&mut p.exchange);
-        let exchange = std::str::from_utf8(&exchange_bytes).unwrap_or("");
+        let exchange = p.exchange_str();
         let Some(x) = topo.exchange(exchange) else {
             return Err(TopologyError::NoExchange(exchange.to_owned()).into());
         };
