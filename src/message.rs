@@ -176,10 +176,10 @@ pub fn write_frame(out: &mut BytesMut, m: &Message, sub_mid: &[u8], tag: u64, re
     const AGAIN: &[u8] = br#","redelivered":true,"published_at":"#;
     const FIRST: &[u8] = br#","redelivered":false,"published_at":"#;
     const HEADERS: &[u8] = br#","headers":"#;
-    let mut tag_buf = [0u8; 20];
-    let tag_s = fmt_u64(&mut tag_buf, tag);
-    let mut ts_buf = [0u8; 20];
-    let ts_s = fmt_u64(&mut ts_buf, m.published_at);
+    let mut tag_buf = itoa::Buffer::new();
+    let tag_s = tag_buf.format(tag).as_bytes();
+    let mut ts_buf = itoa::Buffer::new();
+    let ts_s = ts_buf.format(m.published_at).as_bytes();
     let when: &[u8] = if redelivered { AGAIN } else { FIRST };
     let headers = m.headers.as_deref();
     let len = HEAD.len()
@@ -215,22 +215,6 @@ pub fn write_frame(out: &mut BytesMut, m: &Message, sub_mid: &[u8], tag: u64, re
         out.extend_from_slice(h);
     }
     out.extend_from_slice(b"}");
-}
-
-/// The decimal digits of `v`, written at the end of `buf`.
-fn fmt_u64(buf: &mut [u8; 20], mut v: u64) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        if let Some(slot) = buf.get_mut(i) {
-            *slot = b'0' + (v % 10) as u8;
-        }
-        v /= 10;
-        if v == 0 || i == 0 {
-            break;
-        }
-    }
-    buf.get(i..).unwrap_or(b"0")
 }
 
 #[cfg(test)]

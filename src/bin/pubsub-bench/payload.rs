@@ -38,20 +38,7 @@ pub fn write_payload(out: &mut Vec<u8>, t_ns: u64, seq: u64, size: usize) {
 
 /// Appends the decimal form of `v`.
 pub fn push_u64(out: &mut Vec<u8>, v: u64) {
-    let mut digits = [0u8; 20];
-    let mut n = v;
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        if let Some(d) = digits.get_mut(i) {
-            *d = b'0' + (n % 10) as u8;
-        }
-        n /= 10;
-        if n == 0 || i == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(digits.get(i..).unwrap_or(&[]));
+    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
 }
 
 /// Finds the key `key` searches for (`"key"`) in `hay` and parses the unsigned
