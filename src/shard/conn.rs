@@ -1286,8 +1286,7 @@ impl Conn {
 
     /// Counts this connection in (or out of) its shard's open WebSockets.
     fn count_websocket(&self, delta: i64) {
-        let counters = self.shard.shared.metrics.shard(self.shard.id);
-        counters.websockets.fetch_add(delta, Ordering::Relaxed);
+        crate::metrics::bump_i64(&self.shard.counters().websockets, delta);
     }
 
     /// The connection is gone: its subscriptions end, unacked messages go back.

@@ -465,9 +465,10 @@ impl Drop for Batch {
         if depth > 0 {
             return;
         }
-        let owed = std::mem::take(&mut *self.shard.owed_rings.borrow_mut());
+        // Drained, not taken: the list keeps its capacity for the next batch.
+        let mut owed = self.shard.owed_rings.borrow_mut();
         let links = self.shard.links.borrow();
-        for to in owed {
+        for to in owed.drain(..) {
             if let Some(Some(link)) = links.get(to) {
                 link.ring();
             }
@@ -647,6 +648,48 @@ impl Shard {
         }
     }
 
+    /// Puts deliveries of queue `queue` (homed on `home`) into the mailboxes of their
+    /// connections on this shard. A run of deliveries to one connection (the usual
+    /// case: one consumer takes a whole dispatch) looks it up and wakes it once; a
+    /// connection that is gone hands its deliveries back ([`Shard::to_conn`]).
+    fn deliver_local(
+        self: &Rc<Self>,
+        queue: u64,
+        home: usize,
+        deliveries: impl IntoIterator<Item = (ConsumerId, Delivery)>,
+    ) {
+        let mut last: Option<(u64, Rc<ConnInbox>)> = None;
+        for (id, delivery) in deliveries {
+            let ev = ConnEvent::Deliver {
+                sub: id.sub,
+                queue,
+                home,
+                delivery,
+            };
+            match &last {
+                Some((conn, inbox)) if *conn == id.conn => {
+                    inbox.events.borrow_mut().push_back(ev);
+                    continue;
+                }
+                _ => {}
+            }
+            if let Some((_, inbox)) = last.take() {
+                inbox.signal.notify();
+            }
+            let inbox = self.conns.borrow().get(&id.conn).cloned();
+            match inbox {
+                Some(inbox) => {
+                    inbox.events.borrow_mut().push_back(ev);
+                    last = Some((id.conn, inbox));
+                }
+                None => self.to_conn(id.conn, ev),
+            }
+        }
+        if let Some((_, inbox)) = last {
+            inbox.signal.notify();
+        }
+    }
+
     fn to_conn(self: &Rc<Self>, conn: u64, ev: ConnEvent) {
         let inbox = self.conns.borrow().get(&conn).cloned();
         match inbox {
@@ -756,17 +799,7 @@ impl Shard {
                 home,
                 deliveries,
             } => {
-                for (id, delivery) in deliveries {
-                    self.to_conn(
-                        id.conn,
-                        ConnEvent::Deliver {
-                            sub: id.sub,
-                            queue,
-                            home,
-                            delivery,
-                        },
-                    );
-                }
+                self.deliver_local(queue, home, deliveries);
             }
             ShardMsg::Adopt(h) => {
                 let shard = self.clone();
@@ -877,48 +910,21 @@ impl Shard {
             bump_i64(&self.counters().memory, -(fx.freed as i64));
             fx.freed = 0;
         }
-        // Remote deliveries go as one batch per shard. Local ones go straight into
-        // their connections' mailboxes; a run of deliveries to one connection (the
-        // usual case: one consumer takes a whole dispatch) looks it up and wakes it
-        // once.
+        // Local deliveries go straight into their connections' mailboxes; remote ones
+        // as one batch per shard.
+        let me = self.id;
         let mut remote: Vec<(usize, Vec<(ConsumerId, Delivery)>)> = Vec::new();
-        let mut last: Option<(u64, Rc<ConnInbox>)> = None;
-        for (id, delivery) in fx.deliveries.drain(..) {
-            if id.shard == self.id {
-                let ev = ConnEvent::Deliver {
-                    sub: id.sub,
-                    queue: src.id,
-                    home: self.id,
-                    delivery,
-                };
-                if let Some((conn, inbox)) = &last {
-                    if *conn == id.conn {
-                        inbox.events.borrow_mut().push_back(ev);
-                        continue;
-                    }
-                }
-                if let Some((_, inbox)) = last.take() {
-                    inbox.signal.notify();
-                }
-                let inbox = self.conns.borrow().get(&id.conn).cloned();
-                match inbox {
-                    Some(inbox) => {
-                        inbox.events.borrow_mut().push_back(ev);
-                        last = Some((id.conn, inbox));
-                    }
-                    // Gone: `to_conn` hands the delivery back to its queue.
-                    None => self.to_conn(id.conn, ev),
-                }
-            } else {
-                match remote.iter_mut().find(|(shard, _)| *shard == id.shard) {
-                    Some((_, batch)) => batch.push((id, delivery)),
-                    None => remote.push((id.shard, vec![(id, delivery)])),
-                }
+        let local = fx.deliveries.drain(..).filter_map(|(id, delivery)| {
+            if id.shard == me {
+                return Some((id, delivery));
             }
-        }
-        if let Some((_, inbox)) = last {
-            inbox.signal.notify();
-        }
+            match remote.iter_mut().find(|(shard, _)| *shard == id.shard) {
+                Some((_, batch)) => batch.push((id, delivery)),
+                None => remote.push((id.shard, vec![(id, delivery)])),
+            }
+            None
+        });
+        self.deliver_local(src.id, me, local);
         for (shard, deliveries) in remote {
             self.send(
                 shard,
