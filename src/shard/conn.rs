@@ -61,7 +61,7 @@ const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
 /// the client writes faster than this shard takes its frames.
 const BUSY_ROUND_PUBLISHES: u32 = 64;
 /// After this many such rounds in a row, a publisher is worth moving to a less
-/// loaded shard ([`Conn::balance_target`]). A burst does not move anybody.
+/// loaded shard ([`Conn::publisher_movable`]). A burst does not move anybody.
 const BUSY_ROUNDS: u8 = 8;
 
 /// How long a connection waits before looking again at a backed-up shard.
@@ -110,7 +110,7 @@ struct WsState {
     busy_rounds: u8,
     /// Where the current round's publishes went.
     round_homes: Homes,
-    /// The first round of publishes has been looked at for [`Conn::join_target`].
+    /// The first round of publishes has been looked at ([`Conn::note_round`]).
     placed: bool,
 }
 
@@ -226,7 +226,7 @@ struct Conn {
     /// Publisher flow control ([`super::flow`]).
     flow: FlowGate,
     /// A move to another shard, decided by a `SUBSCRIBE` (shard, that subscribe) or
-    /// by [`Conn::balance_target`] for a busy publisher (shard, none).
+    /// by [`Conn::note_round`] for a publisher (shard, none).
     handoff: Option<(usize, Option<command::Subscribe>)>,
 }
 
@@ -789,7 +789,10 @@ impl Conn {
             return;
         };
         let busy = ws.round_publishes >= BUSY_ROUND_PUBLISHES;
-        let first = !ws.placed && ws.round_publishes > 0;
+        // A read that filled all it asked for means the client is ahead of us: not a
+        // light publisher, whatever this round held.
+        let first_light = !ws.placed && ws.round_publishes > 0 && !busy && !self.read_full;
+        ws.placed |= ws.round_publishes > 0;
         let homes = std::mem::take(&mut ws.round_homes);
         ws.round_publishes = 0;
         ws.busy_rounds = if busy {
@@ -797,57 +800,39 @@ impl Conn {
         } else {
             0
         };
-        if first {
-            ws.placed = true;
-            // A read that filled all it asked for means the client is ahead of us:
-            // not a light publisher, whatever this round held.
-            if !busy && !self.read_full && self.handoff.is_none() {
-                self.handoff = self.join_target(homes).map(|t| (t, None));
-            }
+        let overdue = ws.busy_rounds >= BUSY_ROUNDS;
+        if overdue {
+            ws.busy_rounds = 0;
         }
-        let Proto::Ws(ws) = &mut self.proto else {
-            return;
-        };
-        if ws.busy_rounds < BUSY_ROUNDS || self.handoff.is_some() {
+        if self.handoff.is_some() || !(first_light || overdue) || !self.publisher_movable() {
             return;
         }
-        ws.busy_rounds = 0;
-        if let Some(target) = self.balance_target() {
-            self.handoff = Some((target, None));
-        }
-    }
-
-    /// The shard a light publisher should move to after its first round of
-    /// publishes: the one shard every queue they went to lives on, if that is not
-    /// this one. Its messages then go from its socket to its consumers' sockets on one
-    /// executor, with no hop (and no wake-up of a parked executor) in between: at
-    /// light load that hop is most of the latency a shard adds. A publisher that
-    /// later keeps its reads backed up moves away again ([`Conn::balance_target`]).
-    fn join_target(&self, homes: Homes) -> Option<usize> {
-        let Homes::One(home) = homes else {
-            return None;
+        let target = match homes {
+            // Join the one shard its queues live on.
+            Homes::One(home) if first_light => (home != self.shard.id).then_some(home),
+            _ if overdue => self.shard.shared.metrics.emptier_shard(self.shard.id),
+            _ => None,
         };
-        let placing = self.shard.shared.config.place_publishers;
-        (placing && home != self.shard.id && !self.flow.engaged() && self.movable()).then_some(home)
+        self.handoff = target.map(|t| (t, None));
     }
 
-    /// The shard a busy publisher should move to: one serving at least two WebSocket
-    /// connections fewer than this one (so the move evens the load rather than
-    /// swapping it, and no connection moves back and forth), for a connection that
-    /// only publishes and has nothing of this shard's in flight (no subscriptions,
-    /// unacked tags, pending events or confirms, no flow-control pause).
+    /// Whether a connection that only publishes may be placed now: placement is on,
+    /// no flow-control pause holds it, and nothing of this shard's is in flight for it.
+    ///
+    /// Two moves use it. After its first round of publishes, a light publisher whose
+    /// queues all live on one other shard moves there: its messages then go from its
+    /// socket to its consumers' sockets on one executor, with no hop (and no wake-up
+    /// of a parked executor) in between, which at light load is most of the latency a
+    /// shard adds. After [`BUSY_ROUNDS`] rounds in a row that found a backlog, a
+    /// publisher moves to a shard serving at least two WebSocket connections fewer
+    /// ([`crate::metrics::Metrics::emptier_shard`]: the move evens the load rather
+    /// than swapping it, so nothing moves back and forth), and publishing and
+    /// delivering run on two cores instead of one.
     ///
     /// A publisher's messages go straight into their queues' inboxes, which keep
     /// order whichever thread pushes, so a move never reorders what it published.
-    /// Publishing and delivering then run on two cores instead of one: at light load
-    /// a connection stays where it landed, next to its consumers (no hop between
-    /// executors on the way to them); only a backlog moves it.
-    fn balance_target(&self) -> Option<usize> {
-        let shared = &self.shard.shared;
-        if !shared.config.place_publishers || self.flow.engaged() || !self.movable() {
-            return None;
-        }
-        shared.metrics.emptier_shard(self.shard.id)
+    fn publisher_movable(&self) -> bool {
+        self.shard.shared.config.place_publishers && !self.flow.engaged() && self.movable()
     }
 
     /// True for a WebSocket connection with nothing of this shard's in flight for it
