@@ -359,7 +359,7 @@ fn json_err(e: serde_json::Error) -> CommandError {
 /// had no escapes, so they hold no `"`, `\` or control character (`serde_json` refuses
 /// those raw), and the token is exactly the one `serde_json` would write for `s`.
 fn quoted_token(input: &Bytes, s: &str) -> Option<Bytes> {
-    let start = (s.as_ptr() as usize).checked_sub(input.as_ptr() as usize)?;
+    let start = offset_in(input, s)?;
     let open = start.checked_sub(1)?;
     let close = start + s.len();
     let quoted = input.get(open) == Some(&b'"') && input.get(close) == Some(&b'"');
@@ -368,13 +368,17 @@ fn quoted_token(input: &Bytes, s: &str) -> Option<Bytes> {
 
 /// A slice of `input` for `s` if `s` points into it, else a copy.
 fn share(input: &Bytes, s: &str) -> Bytes {
-    let base = input.as_ptr() as usize;
-    let p = s.as_ptr() as usize;
-    if p >= base && p + s.len() <= base + input.len() {
-        input.slice_ref(s.as_bytes())
-    } else {
-        Bytes::copy_from_slice(s.as_bytes())
+    match offset_in(input, s) {
+        Some(start) => input.slice(start..start + s.len()),
+        None => Bytes::copy_from_slice(s.as_bytes()),
     }
+}
+
+/// Where `s` starts in `input`, if it lies wholly inside it (decoded strings that had
+/// escapes are copies and lie elsewhere).
+fn offset_in(input: &[u8], s: &str) -> Option<usize> {
+    let start = (s.as_ptr() as usize).checked_sub(input.as_ptr() as usize)?;
+    (start.checked_add(s.len())? <= input.len()).then_some(start)
 }
 
 fn decode_string_token<'a>(raw: &'a RawValue, field: &str) -> Result<Cow<'a, str>, CommandError> {
