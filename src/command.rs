@@ -14,6 +14,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tungstenite::protocol::frame::Utf8Bytes;
 
+pub mod scan;
+
 /// Longest exchange or queue name, in bytes.
 pub const MAX_NAME_BYTES: usize = 255;
 /// Name prefixes only the server may use.
@@ -179,7 +181,7 @@ pub struct BindingDecl {
 }
 
 /// A publish, from `POST /publish` or a `PUBLISH` frame.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Publish {
     /// Target exchange name (UTF-8); empty when `exchange_json` holds it (see
     /// [`Publish::exchange_str`]).
@@ -588,6 +590,14 @@ pub fn decode_binding(body: &[u8]) -> Result<BindingDecl, CommandError> {
 /// Decodes a publish body; `input` is the buffer `body` lives in, so that the payload
 /// and strings become slices of it.
 pub fn decode_publish(input: &Bytes, max_payload: usize) -> Result<Publish, CommandError> {
+    match scan::publish_body(input, max_payload) {
+        Some(p) => Ok(p),
+        None => decode_publish_json(input, max_payload),
+    }
+}
+
+/// [`decode_publish`] without the fast path: `serde_json` decides everything.
+fn decode_publish_json(input: &Bytes, max_payload: usize) -> Result<Publish, CommandError> {
     let b: PublishBody = serde_json::from_slice(input).map_err(json_err)?;
     publish_from(input, b, max_payload)
 }
@@ -690,6 +700,15 @@ pub fn salvage_ref(frame: &[u8]) -> Option<Bytes> {
 
 /// Decodes one WebSocket text frame `{"type": …, "payload": {…}}`.
 pub fn decode_frame(frame: &Utf8Bytes, max_payload: usize) -> Result<Command, CommandError> {
+    let input: &Bytes = frame.as_ref();
+    match scan::publish_frame(input, max_payload) {
+        Some(p) => Ok(Command::Publish(p)),
+        None => decode_frame_json(frame, max_payload),
+    }
+}
+
+/// [`decode_frame`] without the fast path: `serde_json` decides everything.
+fn decode_frame_json(frame: &Utf8Bytes, max_payload: usize) -> Result<Command, CommandError> {
     let input: &Bytes = frame.as_ref();
     let env: Envelope =
         serde_json::from_str(frame.as_str()).map_err(|e| bad(format!("invalid frame: {e}")))?;

@@ -813,6 +813,15 @@ impl Conn {
             _ if overdue => self.shard.shared.metrics.emptier_shard(self.shard.id),
             _ => None,
         };
+        if let Some(t) = target {
+            tracing::debug!(
+                conn = self.id,
+                from = self.shard.id,
+                to = t,
+                busy = overdue,
+                "publisher moves"
+            );
+        }
         self.handoff = target.map(|t| (t, None));
     }
 
@@ -943,7 +952,15 @@ impl Conn {
                 }
             }
             Command::Subscribe(s) => match self.handoff_target(&s) {
-                Some(target) => self.handoff = Some((target, Some(s))),
+                Some(target) => {
+                    tracing::debug!(
+                        conn = self.id,
+                        from = self.shard.id,
+                        to = target,
+                        "subscriber moves to its queue"
+                    );
+                    self.handoff = Some((target, Some(s)))
+                }
                 None => self.ws_subscribe(s),
             },
             Command::Unsubscribe(u) => self.ws_unsubscribe(u),
