@@ -73,14 +73,15 @@ fn num_at(hay: &[u8], at: usize) -> Option<(u64, usize)> {
     any.then_some((v, at + i))
 }
 
-/// Extracts `(t, s)` from a payload (or from any frame embedding one): `"t"` first,
-/// then `"s"` after it, so a frame is scanned once.
+/// Extracts `(t, s)` from a payload (or from any frame embedding one). The payload
+/// starts `{"t":<t>,"s":<s>` (see [`write_payload`]) and every system delivers it byte
+/// for byte, so one search for its opening finds both numbers.
 pub fn stamp_of(hay: &[u8]) -> Option<(u64, u64)> {
-    static T_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"t\""));
-    static S_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"s\""));
-    let (t, end) = num_at(hay, T_KEY.find(hay)? + 3)?;
-    let rest = hay.get(end..)?;
-    let (s, _) = num_at(rest, S_KEY.find(rest)? + 3)?;
+    const S_KEY: &[u8] = b",\"s\":";
+    static OPEN: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"{\"t\":"));
+    let (t, end) = num_at(hay, OPEN.find(hay)? + OPEN.needle().len())?;
+    let rest = hay.get(end..)?.strip_prefix(S_KEY)?;
+    let (s, _) = num_at(rest, 0)?;
     Some((t, s))
 }
 
