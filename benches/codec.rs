@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use pubsub::command::{decode_frame, Command};
 use pubsub::http::{parse_request, Limits};
-use pubsub::message::{write_frame, IdGen, Message};
+use pubsub::message::{write_frame, IdGen, Message, MessageText};
 use pubsub::ws::{Decoder, Event, Utf8Bytes};
 
 const PUBLISH_BODY: &str =
@@ -102,13 +102,13 @@ fn ws_encode(c: &mut Criterion) {
     // One delivery's `MESSAGE` frame, as a subscriber's connection writes it.
     let msg = Message {
         id: IdGen::new(0).next_id(),
-        exchange_json: Bytes::from_static(br#""bench.x""#),
-        routing_key: Bytes::from_static(b"k"),
-        routing_key_json: Bytes::from_static(br#""k""#),
-        body: Bytes::from(format!(
-            r#"{{"t":123456789012,"s":4242,"p":"{}"}}"#,
-            "x".repeat(92)
-        )),
+        text: MessageText::new(
+            &Bytes::new(),
+            br#""bench.x""#,
+            Some(br#""k""#),
+            b"k",
+            format!(r#"{{"t":123456789012,"s":4242,"p":"{}"}}"#, "x".repeat(92)).as_bytes(),
+        ),
         headers: None,
         published_at: 1_764_000_000_000,
         expires_at: None,

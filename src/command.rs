@@ -14,6 +14,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tungstenite::protocol::frame::Utf8Bytes;
 
+use crate::message::MessageText;
+
 pub mod scan;
 
 /// Longest exchange or queue name, in bytes.
@@ -183,15 +185,8 @@ pub struct BindingDecl {
 /// A publish, from `POST /publish` or a `PUBLISH` frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Publish {
-    /// Target exchange name (UTF-8); empty when `exchange_json` holds it (see
-    /// [`Publish::exchange_str`]).
-    pub exchange: Bytes,
-    /// Routing key, decoded.
-    pub key: Bytes,
-    /// Routing key as a JSON string token, quotes included.
-    pub key_json: Bytes,
-    /// The payload's raw JSON bytes.
-    pub payload: Bytes,
+    /// Exchange, routing key and payload: ranges of the frame or body they came in.
+    pub text: MessageText,
     /// Answer only once durable queues have it on disk.
     pub confirm: bool,
     /// Keep on disk when routed to a durable queue.
@@ -202,21 +197,6 @@ pub struct Publish {
     pub headers: Option<Bytes>,
     /// The client's `ref`, as a JSON token (WebSocket only).
     pub reference: Option<Bytes>,
-    /// The exchange name's JSON string token as the client wrote it, when that is the
-    /// token the server would write (no escapes): deliveries then quote the client's
-    /// own bytes instead of sharing the exchange's token across threads.
-    pub exchange_json: Option<Bytes>,
-}
-
-impl Publish {
-    /// The exchange name as text.
-    pub fn exchange_str(&self) -> &str {
-        let name = match &self.exchange_json {
-            Some(token) => token.get(1..token.len().saturating_sub(1)).unwrap_or(&[]),
-            None => &self.exchange,
-        };
-        std::str::from_utf8(name).unwrap_or("")
-    }
 }
 
 /// Settlement mode of a subscription.
@@ -356,16 +336,16 @@ fn json_err(e: serde_json::Error) -> CommandError {
     bad(format!("invalid JSON body: {e}"))
 }
 
-/// The JSON string token around `s` (quotes included) as a slice of `input`, if `s` is
-/// the contents of a string token in it that `serde_json` borrowed: borrowed contents
+/// The JSON string token around `s` (quotes included) in `input`, if `s` is the
+/// contents of a string token in it that `serde_json` borrowed: borrowed contents
 /// had no escapes, so they hold no `"`, `\` or control character (`serde_json` refuses
 /// those raw), and the token is exactly the one `serde_json` would write for `s`.
-fn quoted_token(input: &Bytes, s: &str) -> Option<Bytes> {
+fn quoted_token<'a>(input: &'a [u8], s: &str) -> Option<&'a [u8]> {
     let start = offset_in(input, s)?;
     let open = start.checked_sub(1)?;
     let close = start + s.len();
     let quoted = input.get(open) == Some(&b'"') && input.get(close) == Some(&b'"');
-    quoted.then(|| input.slice(open..close + 1))
+    quoted.then(|| input.get(open..close + 1)).flatten()
 }
 
 /// A slice of `input` for `s` if `s` points into it, else a copy.
@@ -618,25 +598,22 @@ fn publish_from(
             limit: max_payload,
         });
     }
-    let (key, key_json) = match b.key.or(b.key_seed) {
-        None => (Bytes::new(), Bytes::from_static(b"\"\"")),
+    // The key's token as sent, and its decoded text: a string token without escapes is
+    // its own text between the quotes (the RawValue parse already checked it); only
+    // escapes need a real decode.
+    let key: Option<(&str, Cow<'_, str>)> = match b.key.or(b.key_seed) {
+        None => None,
         Some(raw) => {
             let token = raw.get();
-            let json = share(input, token);
-            // A string token without escapes is its own text between the quotes (the
-            // RawValue parse already checked it); only escapes need a real decode.
             let plain = token
                 .strip_prefix('"')
                 .and_then(|t| t.strip_suffix('"'))
                 .filter(|inner| memchr::memchr(b'\\', inner.as_bytes()).is_none());
-            let key = match plain {
-                Some(inner) => json.slice(1..1 + inner.len()),
-                None => match decode_string_token(raw, "key")? {
-                    Cow::Borrowed(s) => share(input, s),
-                    Cow::Owned(s) => Bytes::from(s),
-                },
+            let decoded = match plain {
+                Some(inner) => Cow::Borrowed(inner),
+                None => decode_string_token(raw, "key")?,
             };
-            (key, json)
+            Some((token, decoded))
         }
     };
     let headers = match b.headers {
@@ -655,21 +632,22 @@ fn publish_from(
             Some(share(input, raw.get()))
         }
     };
-    // One slice of the frame for the name and its token (every slice is a refcount
-    // update on the read buffer, which the delivering shard then undoes).
-    let (exchange, exchange_json) = match b.exchange_name {
-        Cow::Borrowed(s) => match quoted_token(input, s) {
-            Some(token) => (Bytes::new(), Some(token)),
-            None => (share(input, s), None),
-        },
-        Cow::Owned(s) => (Bytes::from(s), None),
+    // The exchange's token as the client wrote it when it had no escapes (then it is
+    // the token the server would write); else the server's own.
+    let own_token;
+    let exchange_json = match quoted_token(input, &b.exchange_name) {
+        Some(token) => token,
+        None => {
+            own_token = crate::routing::json_string(&b.exchange_name);
+            &own_token[..]
+        }
+    };
+    let (key_json, key) = match &key {
+        Some((token, decoded)) => (Some(token.as_bytes()), decoded.as_bytes()),
+        None => (None, &b""[..]),
     };
     Ok(Publish {
-        exchange,
-        exchange_json,
-        key,
-        key_json,
-        payload: share(input, payload_text),
+        text: MessageText::new(input, exchange_json, key_json, key, payload_text.as_bytes()),
         confirm: b.confirm.unwrap_or(false),
         persistent: b.persistent.unwrap_or(true),
         ttl_ms: b.ttl_ms,
@@ -854,13 +832,13 @@ mod tests {
             r#"{"exchange_name":"x","Key":"a.b","payload": {"b": 1,  "a":[1,2 ,3]} ,"confirm":true}"#,
         );
         let p = decode_publish(&input, 1024).unwrap();
-        assert_eq!(&p.payload[..], br#"{"b": 1,  "a":[1,2 ,3]}"#);
-        assert_eq!(&p.key[..], b"a.b");
-        assert_eq!(&p.key_json[..], b"\"a.b\"");
+        assert_eq!(p.text.body(), br#"{"b": 1,  "a":[1,2 ,3]}"#);
+        assert_eq!(p.text.routing_key(), b"a.b");
+        assert_eq!(p.text.routing_key_json(), b"\"a.b\"");
         assert!(p.confirm && p.persistent);
         // The payload is a slice of the input, not a copy.
         let base = input.as_ptr() as usize;
-        let at = p.payload.as_ptr() as usize;
+        let at = p.text.body().as_ptr() as usize;
         assert!(at > base && at < base + input.len());
     }
 
@@ -868,8 +846,8 @@ mod tests {
     fn publish_escaped_key_is_decoded() {
         let input = b(r#"{"exchange_name":"x","key":"a\u002eb","payload":1}"#);
         let p = decode_publish(&input, 1024).unwrap();
-        assert_eq!(&p.key[..], b"a.b");
-        assert_eq!(&p.key_json[..], br#""a\u002eb""#);
+        assert_eq!(p.text.routing_key(), b"a.b");
+        assert_eq!(p.text.routing_key_json(), br#""a\u002eb""#);
     }
 
     #[test]
@@ -964,7 +942,7 @@ mod tests {
         let f = b(r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":[1],"ref":"r1"}}"#);
         match decode_frame(&u(&f), 10).unwrap() {
             Command::Publish(p) => {
-                assert_eq!(&p.payload[..], b"[1]");
+                assert_eq!(p.text.body(), b"[1]");
                 assert_eq!(p.reference.as_deref(), Some(&b"\"r1\""[..]));
             }
             other => panic!("{other:?}"),

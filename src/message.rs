@@ -1,10 +1,13 @@
 //! A published message and its identity.
 //!
 //! A [`Message`] is built once, on the shard whose connection received the publish,
-//! and shared by `Arc` with every queue it is routed to. Its body is the client's raw
-//! JSON bytes, a `bytes::Bytes` slice of the very buffer the request was read into:
-//! nothing is copied or re-encoded on the way to the subscribers' sockets.
+//! and shared by `Arc` with every queue it is routed to. Its text (exchange, routing
+//! key, body) is a [`MessageText`]: ranges of the very buffer the request was read
+//! into, held by one reference. Nothing is copied or re-encoded on the way to the
+//! subscribers' sockets.
 
+use std::borrow::Cow;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -114,19 +117,141 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The text of a message (its exchange and routing key as JSON string tokens, the
+/// decoded routing key, and the body) as ranges of one buffer.
+///
+/// A publish arrives as one WebSocket frame or HTTP body, and all four pieces are
+/// slices of it, so a message holds one reference to that buffer rather than one per
+/// piece. The count is a word both shards write (the publishing shard counts up, the
+/// delivering shard counts down when the message is done), so every update can move a
+/// cache line between cores: one per message instead of four. Pieces that are not in
+/// the buffer (a key whose escapes had to be decoded, a message read back from the
+/// store) are copied, all four, into one fresh buffer; that happens off the hot path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageText {
+    buf: Bytes,
+    exchange_json: Range<usize>,
+    /// Empty when the publish gave no key: the token is then `""`.
+    key_json: Range<usize>,
+    key: Range<usize>,
+    body: Range<usize>,
+}
+
+impl MessageText {
+    /// The text of a message from its pieces: `exchange_json` and `key_json` are JSON
+    /// string tokens (quotes included; no `key_json` means no key), `key` the decoded
+    /// key, `body` the raw JSON body. Pieces that lie inside `buf` are kept as ranges
+    /// of it; if any does not, all are copied into one new buffer.
+    pub fn new(
+        buf: &Bytes,
+        exchange_json: &[u8],
+        key_json: Option<&[u8]>,
+        key: &[u8],
+        body: &[u8],
+    ) -> Self {
+        let key_json_span = match key_json {
+            Some(token) => span_in(buf, token),
+            None => Some(0..0),
+        };
+        if let (Some(exchange_json), Some(key_json), Some(key), Some(body)) = (
+            span_in(buf, exchange_json),
+            key_json_span,
+            span_in(buf, key),
+            span_in(buf, body),
+        ) {
+            return MessageText {
+                buf: buf.clone(),
+                exchange_json,
+                key_json,
+                key,
+                body,
+            };
+        }
+        let key_json = key_json.unwrap_or_default();
+        let mut out =
+            BytesMut::with_capacity(exchange_json.len() + key_json.len() + key.len() + body.len());
+        let mut put = |piece: &[u8]| {
+            let start = out.len();
+            out.extend_from_slice(piece);
+            start..out.len()
+        };
+        let exchange_json = put(exchange_json);
+        let key_json = put(key_json);
+        let key = put(key);
+        let body = put(body);
+        MessageText {
+            buf: out.freeze(),
+            exchange_json,
+            key_json,
+            key,
+            body,
+        }
+    }
+
+    fn piece(&self, r: &Range<usize>) -> &[u8] {
+        self.buf.get(r.clone()).unwrap_or_default()
+    }
+
+    /// The exchange's name as a JSON string token, quotes included.
+    pub fn exchange_json(&self) -> &[u8] {
+        self.piece(&self.exchange_json)
+    }
+
+    /// The exchange's name, decoded.
+    pub fn exchange(&self) -> Cow<'_, str> {
+        let token = self.exchange_json();
+        let inner = token
+            .get(1..token.len().saturating_sub(1))
+            .unwrap_or_default();
+        if memchr::memchr(b'\\', inner).is_none() {
+            return Cow::Borrowed(std::str::from_utf8(inner).unwrap_or_default());
+        }
+        Cow::Owned(serde_json::from_slice::<String>(token).unwrap_or_default())
+    }
+
+    /// The routing key as a JSON string token, quotes included, as the client sent it.
+    pub fn routing_key_json(&self) -> &[u8] {
+        if self.key_json.is_empty() {
+            return b"\"\"";
+        }
+        self.piece(&self.key_json)
+    }
+
+    /// The routing key, decoded (UTF-8: it came from a JSON string).
+    pub fn routing_key(&self) -> &[u8] {
+        self.piece(&self.key)
+    }
+
+    /// The routing key as text.
+    pub fn routing_key_str(&self) -> &str {
+        std::str::from_utf8(self.routing_key()).unwrap_or_default()
+    }
+
+    /// The body: the client's raw JSON bytes.
+    pub fn body(&self) -> &[u8] {
+        self.piece(&self.body)
+    }
+
+    /// The body as its own `Bytes` (for the store; one more reference to the buffer).
+    pub fn body_bytes(&self) -> Bytes {
+        self.buf.slice(self.body.clone())
+    }
+}
+
+/// Where `piece` lies in `buf`, if wholly inside it.
+fn span_in(buf: &[u8], piece: &[u8]) -> Option<Range<usize>> {
+    let start = (piece.as_ptr() as usize).checked_sub(buf.as_ptr() as usize)?;
+    let end = start.checked_add(piece.len())?;
+    (end <= buf.len()).then_some(start..end)
+}
+
 /// One published message, shared by every queue it was routed to.
 #[derive(Debug)]
 pub struct Message {
     /// The `unique_id` delivered to subscribers.
     pub id: MessageId,
-    /// The exchange it was published to, as a JSON string token (quotes included).
-    pub exchange_json: Bytes,
-    /// The routing key, decoded (used when the message is dead-lettered and routed again).
-    pub routing_key: Bytes,
-    /// The routing key as a JSON string token (quotes included), as the client sent it.
-    pub routing_key_json: Bytes,
-    /// The payload: the client's raw JSON bytes.
-    pub body: Bytes,
+    /// Exchange, routing key and body.
+    pub text: MessageText,
     /// Optional `headers` object, raw JSON.
     pub headers: Option<Bytes>,
     /// Milliseconds since the epoch when it was published.
@@ -140,17 +265,14 @@ pub struct Message {
 impl Message {
     /// Bytes this message accounts for against the memory high-water mark.
     pub fn weight(&self) -> usize {
-        self.body.len() + self.headers.as_ref().map_or(0, Bytes::len) + 128
+        self.text.body().len() + self.headers.as_ref().map_or(0, Bytes::len) + 128
     }
 
     /// A copy for dead-lettering: same id and body, no per-message expiry.
     pub fn for_dead_letter(self: &Arc<Self>) -> Arc<Self> {
         Arc::new(Message {
             id: self.id,
-            exchange_json: self.exchange_json.clone(),
-            routing_key: self.routing_key.clone(),
-            routing_key_json: self.routing_key_json.clone(),
-            body: self.body.clone(),
+            text: self.text.clone(),
             headers: self.headers.clone(),
             published_at: self.published_at,
             expires_at: None,
@@ -182,14 +304,19 @@ pub fn write_frame(out: &mut BytesMut, m: &Message, sub_mid: &[u8], tag: u64, re
     let ts_s = ts_buf.format(m.published_at).as_bytes();
     let when: &[u8] = if redelivered { AGAIN } else { FIRST };
     let headers = m.headers.as_deref();
+    let (body, exchange_json, key_json) = (
+        m.text.body(),
+        m.text.exchange_json(),
+        m.text.routing_key_json(),
+    );
     let len = HEAD.len()
         + ID_LEN
         + BODY.len()
-        + m.body.len()
+        + body.len()
         + sub_mid.len()
-        + m.exchange_json.len()
+        + exchange_json.len()
         + KEY.len()
-        + m.routing_key_json.len()
+        + key_json.len()
         + TAG.len()
         + tag_s.len()
         + when.len()
@@ -201,11 +328,11 @@ pub fn write_frame(out: &mut BytesMut, m: &Message, sub_mid: &[u8], tag: u64, re
     out.extend_from_slice(HEAD);
     out.extend_from_slice(m.id.as_bytes());
     out.extend_from_slice(BODY);
-    out.extend_from_slice(&m.body);
+    out.extend_from_slice(body);
     out.extend_from_slice(sub_mid);
-    out.extend_from_slice(&m.exchange_json);
+    out.extend_from_slice(exchange_json);
     out.extend_from_slice(KEY);
-    out.extend_from_slice(&m.routing_key_json);
+    out.extend_from_slice(key_json);
     out.extend_from_slice(TAG);
     out.extend_from_slice(tag_s);
     out.extend_from_slice(when);
@@ -222,13 +349,63 @@ mod tests {
     use super::*;
 
     #[test]
+    fn text_in_one_buffer_is_shared_not_copied() {
+        let frame = Bytes::from_static(br#"{"exchange_name":"ex","key":"a.b","payload":[1]}"#);
+        let at = |needle: &[u8]| {
+            let i = memchr::memmem::find(&frame, needle).unwrap();
+            &frame[i..i + needle.len()]
+        };
+        let key_json = at(br#""a.b""#);
+        let t = MessageText::new(
+            &frame,
+            at(br#""ex""#),
+            Some(key_json),
+            &key_json[1..4],
+            at(b"[1]"),
+        );
+        assert_eq!(t.exchange_json(), br#""ex""#);
+        assert_eq!(t.exchange(), "ex");
+        assert_eq!(t.routing_key_json(), br#""a.b""#);
+        assert_eq!(t.routing_key_str(), "a.b");
+        assert_eq!(t.body(), b"[1]");
+        // Ranges of the frame itself: the same allocation, no copy.
+        assert_eq!(t.body().as_ptr(), at(b"[1]").as_ptr());
+        assert_eq!(t.body_bytes().as_ptr(), t.body().as_ptr());
+    }
+
+    #[test]
+    fn text_with_outside_pieces_is_copied_whole() {
+        let frame = Bytes::from_static(br#"{"payload":{"x":1}}"#);
+        let body = &frame[11..18];
+        // An exchange token from elsewhere, and no key at all.
+        let t = MessageText::new(&frame, br#""e\"x""#, None, b"", body);
+        assert_eq!(t.body(), br#"{"x":1}"#);
+        assert_ne!(t.body().as_ptr(), body.as_ptr());
+        assert_eq!(t.exchange(), "e\"x");
+        assert_eq!(t.routing_key_json(), b"\"\"");
+        assert_eq!(t.routing_key(), b"");
+        let escaped = MessageText::new(
+            &Bytes::new(),
+            br#""x""#,
+            Some(br#""a\u002eb""#),
+            b"a.b",
+            b"1",
+        );
+        assert_eq!(escaped.routing_key_json(), br#""a\u002eb""#);
+        assert_eq!(escaped.routing_key_str(), "a.b");
+    }
+
+    #[test]
     fn message_frame_is_the_contract_object() {
         let m = Message {
             id: IdGen::new(0).next_id(),
-            exchange_json: Bytes::from_static(br#""ex""#),
-            routing_key: Bytes::from_static(b"k"),
-            routing_key_json: Bytes::from_static(br#""k""#),
-            body: Bytes::from_static(br#"{"a":[1,2]}"#),
+            text: MessageText::new(
+                &Bytes::new(),
+                br#""ex""#,
+                Some(br#""k""#),
+                b"k",
+                br#"{"a":[1,2]}"#,
+            ),
             headers: Some(Bytes::from_static(br#"{"h":"v"}"#)),
             published_at: 1_700_000_000_123,
             expires_at: None,

@@ -611,16 +611,13 @@ impl QueueState {
 mod tests {
     use super::*;
     use crate::command::QueueSpec;
-    use crate::message::{IdGen, MessageId};
+    use crate::message::{IdGen, MessageId, MessageText};
     use bytes::Bytes;
 
     fn msg(ids: &mut IdGen, body: &str) -> Arc<Message> {
         Arc::new(Message {
             id: ids.next_id(),
-            exchange_json: Bytes::from_static(b"\"x\""),
-            routing_key: Bytes::new(),
-            routing_key_json: Bytes::from_static(b"\"\""),
-            body: Bytes::copy_from_slice(body.as_bytes()),
+            text: MessageText::new(&Bytes::new(), b"\"x\"", None, b"", body.as_bytes()),
             headers: None,
             published_at: 0,
             expires_at: None,
@@ -646,7 +643,7 @@ mod tests {
             .map(|(c, d)| {
                 (
                     c.sub,
-                    String::from_utf8_lossy(&d.entry.msg.body).into_owned(),
+                    String::from_utf8_lossy(d.entry.msg.text.body()).into_owned(),
                 )
             })
             .collect()
@@ -739,7 +736,7 @@ mod tests {
         }
         assert_eq!(q.ready_len(), 2);
         assert_eq!(fx.dead.len(), 1);
-        assert_eq!(&fx.dead[0].body[..], b"a");
+        assert_eq!(fx.dead[0].text.body(), b"a");
         let reject = queue(QueueSpec {
             max_length: Some(1),
             overflow: Overflow::RejectPublish,

@@ -30,6 +30,7 @@ use std::ops::Range;
 use bytes::Bytes;
 
 use super::{validate_ref_name, Publish};
+use crate::message::MessageText;
 
 /// Deepest nesting of arrays and objects inside a payload the scanner follows; deeper
 /// payloads go to `serde_json` (whose own limit is 128).
@@ -95,21 +96,16 @@ impl Fields {
         if payload.len() > max_payload {
             return None;
         }
-        let name = input.get(exchange.start + 1..exchange.end - 1)?;
+        let exchange_json = input.get(exchange)?;
+        let name = exchange_json.get(1..exchange_json.len() - 1)?;
         validate_ref_name(std::str::from_utf8(name).ok()?, "exchange").ok()?;
-        let (key, key_json) = match self.key {
-            None => (Bytes::new(), Bytes::from_static(b"\"\"")),
-            Some(token) => {
-                let json = input.slice(token);
-                (json.slice(1..json.len() - 1), json)
-            }
+        let key_json = match self.key {
+            Some(token) => Some(input.get(token)?),
+            None => None,
         };
+        let key = key_json.map_or(Some(&b""[..]), |t| t.get(1..t.len() - 1))?;
         Some(Publish {
-            exchange: Bytes::new(),
-            exchange_json: Some(input.slice(exchange)),
-            key,
-            key_json,
-            payload: input.slice(payload),
+            text: MessageText::new(input, exchange_json, key_json, key, input.get(payload)?),
             confirm: self.confirm.unwrap_or(false),
             persistent: self.persistent.unwrap_or(true),
             ttl_ms: None,
@@ -407,8 +403,8 @@ mod tests {
         let p = publish_frame(&Bytes::from(cases[2]), LIMIT).unwrap();
         assert!(p.confirm && !p.persistent);
         assert_eq!(p.reference.as_deref(), Some(&b"\"r-1\""[..]));
-        assert_eq!(p.exchange_str(), "x");
-        assert_eq!(&p.key_json[..], b"\"\"");
+        assert_eq!(p.text.exchange(), "x");
+        assert_eq!(p.text.routing_key_json(), b"\"\"");
     }
 
     #[test]

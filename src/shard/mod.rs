@@ -35,7 +35,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::command::{AckMode, BindingDecl, ExchangeDecl, Publish, QueueDecl, QueueSpec};
 use crate::config::Config;
-use crate::message::{now_ms, IdGen, Message, MessageId};
+use crate::message::{now_ms, IdGen, Message, MessageId, MessageText};
 use crate::metrics::{bump, bump_i64, Metrics};
 use crate::persist::core::{CoreEnds, PersistMsg};
 use crate::persist::{QueueArgs, Record, Store, StoredMessage};
@@ -956,7 +956,7 @@ impl Shard {
                 let guard = pin();
                 let topo = self.shared.topology.load(&guard);
                 for m in dead {
-                    let key = std::str::from_utf8(&m.routing_key).unwrap_or("");
+                    let key = m.text.routing_key_str();
                     self.route(topo, dlx, key, &m.for_dead_letter(), None);
                 }
             }
@@ -1093,7 +1093,7 @@ impl Shard {
     /// `conn` is the WebSocket connection to answer with `CONFIRM` (else HTTP waits).
     pub fn publish(
         self: &Rc<Self>,
-        mut p: Publish,
+        p: Publish,
         now: u64,
         conn: Option<u64>,
     ) -> Result<Published, BrokerError> {
@@ -1102,12 +1102,12 @@ impl Shard {
         }
         let guard = pin();
         let topo = self.shared.topology.load(&guard);
-        let exchange = p.exchange_str();
-        let Some(x) = topo.exchange(exchange) else {
-            return Err(TopologyError::NoExchange(exchange.to_owned()).into());
+        let exchange = p.text.exchange();
+        let Some(x) = topo.exchange(&exchange) else {
+            return Err(TopologyError::NoExchange(exchange.into_owned()).into());
         };
         if p.persistent {
-            let key = std::str::from_utf8(&p.key).unwrap_or("");
+            let key = p.text.routing_key_str();
             let down = self.shared.store_down.load(Ordering::Acquire);
             let backlogged = self.shared.store_backlogged.load(Ordering::Acquire);
             if down || backlogged {
@@ -1127,13 +1127,7 @@ impl Shard {
         let id = self.ids.borrow_mut().next_id();
         let msg = Arc::new(Message {
             id,
-            exchange_json: p
-                .exchange_json
-                .take()
-                .unwrap_or_else(|| x.name_json.clone()),
-            routing_key: p.key,
-            routing_key_json: p.key_json,
-            body: p.payload,
+            text: p.text,
             headers: p.headers,
             published_at: now,
             expires_at: p.ttl_ms.map(|t| now.saturating_add(t)),
@@ -1148,12 +1142,7 @@ impl Shard {
             ticketed,
             flow,
             homes,
-        } = self.route_via(
-            x,
-            std::str::from_utf8(&msg.routing_key).unwrap_or(""),
-            &msg,
-            ticket,
-        );
+        } = self.route_via(x, msg.text.routing_key_str(), &msg, ticket);
         let c = self.counters();
         bump(&c.published, 1);
         if routed == 0 {
@@ -1638,9 +1627,9 @@ fn json_to_string(token: &[u8]) -> String {
 fn stored(m: &Message) -> StoredMessage {
     StoredMessage {
         id: m.id.as_str().to_owned(),
-        exchange: json_to_string(&m.exchange_json),
-        routing_key: String::from_utf8_lossy(&m.routing_key).into_owned(),
-        body: m.body.clone(),
+        exchange: json_to_string(m.text.exchange_json()),
+        routing_key: m.text.routing_key_str().to_owned(),
+        body: m.text.body_bytes(),
         headers: m.headers.clone(),
         published_at_ms: m.published_at,
         expires_at_ms: m.expires_at,
@@ -1995,10 +1984,13 @@ pub fn rebuild(rec: crate::persist::Recovered, shards: usize) -> (Topology, Vec<
                 let s = m.msg;
                 let msg = Message {
                     id: MessageId::parse(&s.id).unwrap_or_else(|| ids.next_id()),
-                    exchange_json: crate::routing::json_string(&s.exchange),
-                    routing_key_json: crate::routing::json_string(&s.routing_key),
-                    routing_key: Bytes::from(s.routing_key),
-                    body: s.body,
+                    text: MessageText::new(
+                        &s.body,
+                        &crate::routing::json_string(&s.exchange),
+                        Some(&crate::routing::json_string(&s.routing_key)),
+                        s.routing_key.as_bytes(),
+                        &s.body,
+                    ),
                     headers: s.headers,
                     published_at: s.published_at_ms,
                     expires_at: s.expires_at_ms,
