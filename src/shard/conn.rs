@@ -216,6 +216,9 @@ struct Conn {
     read_chunk: usize,
     /// The last read filled all it asked for: the client is ahead of us.
     read_full: bool,
+    /// Whether the last wait wrote to the socket: a busy connection keeps its write
+    /// buffer between batches (see [`Conn::trim_buffers`]).
+    wrote_last: bool,
     proto: Proto,
     buffered_total: u64,
     written_total: u64,
@@ -252,6 +255,7 @@ impl Conn {
             wbuf: BytesMut::new(),
             read_chunk: MIN_READ_CHUNK,
             read_full: false,
+            wrote_last: false,
             proto: Proto::Http,
             buffered_total: 0,
             written_total: 0,
@@ -385,6 +389,7 @@ impl Conn {
             Poll::Pending
         })
         .await?;
+        self.wrote_last = wrote > 0;
         if wrote > 0 {
             self.written_total += wrote as u64;
             self.after_write();
@@ -414,12 +419,17 @@ impl Conn {
         }
     }
 
-    /// Gives back large buffers once they are empty.
+    /// Gives back large buffers once they are empty. A write buffer that just drained
+    /// is kept for one more round: a subscriber under load drains its buffer with every
+    /// write and fills it again from the next batch of deliveries, and giving it back
+    /// each time regrew it by doubling, with a fresh (page-faulted, zeroed) allocation
+    /// for every large batch. It goes once a round finds it empty without having
+    /// written, i.e. when deliveries pause.
     fn trim_buffers(&mut self) {
         if self.rbuf.is_empty() && self.rbuf.capacity() > IDLE_READ_KEEP {
             self.rbuf = BytesMut::new();
         }
-        if self.wbuf.is_empty() && self.wbuf.capacity() > IDLE_WRITE_KEEP {
+        if self.wbuf.is_empty() && self.wbuf.capacity() > IDLE_WRITE_KEEP && !self.wrote_last {
             self.wbuf = BytesMut::new();
         }
     }
