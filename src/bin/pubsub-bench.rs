@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use memchr::memmem::Finder;
+use memchr::memmem::{Finder, FinderRev};
 use serde_json::json;
 
 use payload::{now_ns, stamp_of, write_payload};
@@ -571,9 +571,13 @@ struct SubOut {
 
 /// What the subscriber looks for in every `MESSAGE` frame (built once: a searcher costs
 /// more to build than a frame costs to search).
-static REDELIVERED: LazyLock<Finder<'static>> =
-    LazyLock::new(|| Finder::new(b"\"redelivered\":true"));
-static DELIVERY_TAG: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"delivery_tag\""));
+// A MESSAGE frame ends with its tag, `redelivered` and `published_at` (and headers,
+// which these runs do not send): searched from the end, they are a few dozen bytes
+// away instead of a whole body's worth.
+static REDELIVERED: LazyLock<FinderRev<'static>> =
+    LazyLock::new(|| FinderRev::new(b"\"redelivered\":"));
+static DELIVERY_TAG: LazyLock<FinderRev<'static>> =
+    LazyLock::new(|| FinderRev::new(b"\"delivery_tag\""));
 
 /// Subscribes to `queue` and counts deliveries until `target` (set by the publisher once
 /// it knows how many went out) is reached, or nothing arrived for the drain timeout after
@@ -636,11 +640,18 @@ fn subscriber(
                 }
                 next_seq = seq + 1;
             }
-            if REDELIVERED.find(f).is_some() {
+            let again = REDELIVERED
+                .rfind(f)
+                .and_then(|at| f.get(at + REDELIVERED.needle().len()..))
+                .is_some_and(|rest| rest.starts_with(b"true"));
+            if again {
                 out.redelivered += 1;
             }
             if manual {
-                if let Some(tag) = payload::num_after(f, &DELIVERY_TAG) {
+                let tag = DELIVERY_TAG
+                    .rfind(f)
+                    .and_then(|at| payload::num_at(f, at + DELIVERY_TAG.needle().len()));
+                if let Some((tag, _)) = tag {
                     last_tag = tag;
                     unacked += 1;
                 }

@@ -268,7 +268,8 @@ impl Reader {
 
 /// Is this server frame a `MESSAGE`?
 pub fn is_message(frame: &[u8]) -> bool {
-    frame_type(frame) == Some(b"MESSAGE".as_slice())
+    // The server writes this exact opening; anything else is looked at properly.
+    frame.starts_with(br#"{"type":"MESSAGE","#) || frame_type(frame) == Some(b"MESSAGE".as_slice())
 }
 
 /// The value of the frame's `"type"` key.
