@@ -956,8 +956,7 @@ impl Shard {
                 let guard = pin();
                 let topo = self.shared.topology.load(&guard);
                 for m in dead {
-                    let key = m.text.routing_key_str();
-                    self.route(topo, dlx, key, &m.for_dead_letter(), None);
+                    self.route(topo, dlx, m.for_dead_letter(), None);
                 }
             }
         }
@@ -1012,55 +1011,71 @@ impl Shard {
         self: &Rc<Self>,
         topo: &Topology,
         exchange: &str,
-        key: &str,
-        msg: &Arc<Message>,
+        msg: Arc<Message>,
         ticket: Option<Ticket>,
     ) -> Routed {
         match topo.exchange(exchange) {
-            Some(x) => self.route_via(x, key, msg, ticket),
+            Some(x) => self.route_via(x, msg, ticket),
             None => Routed::default(),
         }
     }
 
-    /// Routes `msg` through exchange `x` (already looked up) with `key`.
+    /// Routes `msg` through exchange `x` (already looked up) with its routing key.
+    ///
+    /// The last queue gets `msg` itself and the others clones: the message's count is
+    /// then written once per queue on this shard and not again when routing ends (by
+    /// which time the delivering shard may already hold that cache line).
     fn route_via(
         self: &Rc<Self>,
         x: &Exchange,
-        key: &str,
-        msg: &Arc<Message>,
+        msg: Arc<Message>,
         ticket: Option<Ticket>,
     ) -> Routed {
         let mut out = Routed::default();
         let weight = msg.weight();
-        x.route(key).for_each(|q| {
-            if !q.reserve() {
-                return;
-            }
-            out.queues += 1;
-            out.homes.add(q.home);
-            let t = if q.spec.durable && msg.persistent {
-                ticket
-            } else {
-                None
-            };
-            if t.is_some() {
-                out.ticketed += 1;
-            }
-            q.inbox.push(Pending {
-                msg: msg.clone(),
-                ticket: t,
-            });
-            if !q.scheduled.swap(true, Ordering::AcqRel) {
-                self.send(q.home, ShardMsg::QueueWork(q.clone()));
-            }
-            if out.flow.is_none() && q.wants_flow() {
-                out.flow = Some(q.clone());
+        let mut last: Option<&Arc<QueueHandle>> = None;
+        x.route(msg.text.routing_key_str()).for_each(|q| {
+            if q.reserve() {
+                if let Some(prev) = last.replace(q) {
+                    self.push_routed(prev, msg.clone(), ticket, &mut out);
+                }
             }
         });
+        if let Some(q) = last {
+            self.push_routed(q, msg, ticket, &mut out);
+        }
         let c = self.counters();
         bump_i64(&c.memory, (weight * out.queues) as i64);
         bump(&c.routed, out.queues as u64);
         out
+    }
+
+    /// Puts a routed message (its slot already reserved) into `q`'s inbox and makes
+    /// sure `q`'s home shard will drain it.
+    fn push_routed(
+        self: &Rc<Self>,
+        q: &Arc<QueueHandle>,
+        msg: Arc<Message>,
+        ticket: Option<Ticket>,
+        out: &mut Routed,
+    ) {
+        out.queues += 1;
+        out.homes.add(q.home);
+        let t = if q.spec.durable && msg.persistent {
+            ticket
+        } else {
+            None
+        };
+        if t.is_some() {
+            out.ticketed += 1;
+        }
+        q.inbox.push(Pending { msg, ticket: t });
+        if !q.scheduled.swap(true, Ordering::AcqRel) {
+            self.send(q.home, ShardMsg::QueueWork(q.clone()));
+        }
+        if out.flow.is_none() && q.wants_flow() {
+            out.flow = Some(q.clone());
+        }
     }
 
     /// True when the bytes held in queues are past `--memory-high-water`. Every shard
@@ -1142,7 +1157,7 @@ impl Shard {
             ticketed,
             flow,
             homes,
-        } = self.route_via(x, msg.text.routing_key_str(), &msg, ticket);
+        } = self.route_via(x, msg, ticket);
         let c = self.counters();
         bump(&c.published, 1);
         if routed == 0 {
