@@ -98,7 +98,12 @@ impl Fields {
         }
         let exchange_json = input.get(exchange)?;
         let name = exchange_json.get(1..exchange_json.len() - 1)?;
-        validate_ref_name(std::str::from_utf8(name).ok()?, "exchange").ok()?;
+        // Printable ASCII, the usual name, is valid as it stands; others get the full
+        // check (the frame is UTF-8 and the quotes are ASCII, so `name` is too).
+        let printable = name.iter().all(|b| (0x20..0x7f).contains(b));
+        if !printable || name.is_empty() || name.len() > super::MAX_NAME_BYTES {
+            validate_ref_name(std::str::from_utf8(name).ok()?, "exchange").ok()?;
+        }
         let key_json = match self.key {
             Some(token) => Some(input.get(token)?),
             None => None,

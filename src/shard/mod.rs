@@ -1122,10 +1122,10 @@ impl Shard {
             return Err(TopologyError::NoExchange(exchange.into_owned()).into());
         };
         if p.persistent {
-            let key = p.text.routing_key_str();
             let down = self.shared.store_down.load(Ordering::Acquire);
             let backlogged = self.shared.store_backlogged.load(Ordering::Acquire);
             if down || backlogged {
+                let key = p.text.routing_key_str();
                 // Refuse before anything is stored if a durable queue would take it.
                 let mut durable = false;
                 x.route(key).for_each(|q| durable |= q.spec.durable);
