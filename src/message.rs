@@ -265,7 +265,12 @@ pub struct Message {
 impl Message {
     /// Bytes this message accounts for against the memory high-water mark.
     pub fn weight(&self) -> usize {
-        self.text.body().len() + self.headers.as_ref().map_or(0, Bytes::len) + 128
+        Self::weight_of(self.text.body(), self.headers.as_ref())
+    }
+
+    /// [`Message::weight`] of a message with this body and headers, before it is built.
+    pub fn weight_of(body: &[u8], headers: Option<&Bytes>) -> usize {
+        body.len() + headers.map_or(0, Bytes::len) + 128
     }
 
     /// A copy for dead-lettering: same id and body, no per-message expiry.

@@ -40,7 +40,7 @@ use crate::metrics::{bump, bump_i64, Metrics};
 use crate::persist::core::{CoreEnds, PersistMsg};
 use crate::persist::{QueueArgs, Record, Store, StoredMessage};
 use crate::queue::{ConsumerId, Delivery, Effects, QueueState};
-use crate::routing::{ConnKey, Exchange, Pending, QueueHandle, Ticket, Topology, TopologyError};
+use crate::routing::{ConnKey, Pending, QueueHandle, Targets, Ticket, Topology, TopologyError};
 use crate::sync::notify::Notify;
 use crate::sync::snapshot::{pin, Snapshot};
 use crate::sync::spsc;
@@ -1015,26 +1015,33 @@ impl Shard {
         ticket: Option<Ticket>,
     ) -> Routed {
         match topo.exchange(exchange) {
-            Some(x) => self.route_via(x, msg, ticket),
+            Some(x) => {
+                let weight = msg.weight();
+                self.route_to(x.route(msg.text.routing_key_str()), weight, msg, ticket)
+            }
             None => Routed::default(),
         }
     }
 
-    /// Routes `msg` through exchange `x` (already looked up) with its routing key.
+    /// Pushes `msg` (of `weight` bytes, see [`Message::weight`]) into every queue of
+    /// `targets` that has room.
     ///
     /// The last queue gets `msg` itself and the others clones: the message's count is
     /// then written once per queue on this shard and not again when routing ends (by
-    /// which time the delivering shard may already hold that cache line).
-    fn route_via(
+    /// which time the delivering shard may already hold that cache line). The targets
+    /// and weight come from the caller so that a message just built is not read back
+    /// here: its memory was usually last written by the shard that freed it, and the
+    /// first load from it waits for that cache line to come over.
+    fn route_to(
         self: &Rc<Self>,
-        x: &Exchange,
+        targets: Targets<'_>,
+        weight: usize,
         msg: Arc<Message>,
         ticket: Option<Ticket>,
     ) -> Routed {
         let mut out = Routed::default();
-        let weight = msg.weight();
         let mut last: Option<&Arc<QueueHandle>> = None;
-        x.route(msg.text.routing_key_str()).for_each(|q| {
+        targets.for_each(|q| {
             if q.reserve() {
                 if let Some(prev) = last.replace(q) {
                     self.push_routed(prev, msg.clone(), ticket, &mut out);
@@ -1140,6 +1147,8 @@ impl Shard {
             }
         }
         let id = self.ids.borrow_mut().next_id();
+        let targets = x.route(p.text.routing_key_str());
+        let weight = Message::weight_of(p.text.body(), p.headers.as_ref());
         let msg = Arc::new(Message {
             id,
             text: p.text,
@@ -1157,7 +1166,7 @@ impl Shard {
             ticketed,
             flow,
             homes,
-        } = self.route_via(x, msg, ticket);
+        } = self.route_to(targets, weight, msg, ticket);
         let c = self.counters();
         bump(&c.published, 1);
         if routed == 0 {
