@@ -39,21 +39,20 @@ pub const MAX_DEPTH: usize = 64;
 /// Decodes a whole WebSocket text frame `{"type":"PUBLISH","payload":{…}}`, or `None`
 /// when `serde_json` must decide. `frame` is known to be UTF-8.
 pub fn publish_frame(frame: &Bytes, max_payload: usize) -> Option<Publish> {
+    const OPENING: [&[u8]; 7] = [
+        b"{",
+        b"\"type\"",
+        b":",
+        b"\"PUBLISH\"",
+        b",",
+        b"\"payload\"",
+        b":",
+    ];
     let mut c = Cursor::new(frame);
-    c.ws();
-    c.eat(b'{')?;
-    c.ws();
-    c.expect(b"\"type\"")?;
-    c.ws();
-    c.eat(b':')?;
-    c.ws();
-    c.expect(b"\"PUBLISH\"")?;
-    c.ws();
-    c.eat(b',')?;
-    c.ws();
-    c.expect(b"\"payload\"")?;
-    c.ws();
-    c.eat(b':')?;
+    for token in OPENING {
+        c.ws();
+        c.expect(token)?;
+    }
     c.ws();
     let fields = c.body()?;
     c.ws();
@@ -183,18 +182,27 @@ impl<'a> Cursor<'a> {
                 b"ref" if f.reference.is_none() => f.reference = Some(self.plain_string()?),
                 _ => return None,
             }
-            self.ws();
-            match self.peek()? {
-                b',' => {
-                    self.i += 1;
-                    self.ws();
-                }
-                b'}' => {
-                    self.i += 1;
-                    return Some(f);
-                }
-                _ => return None,
+            if !self.more(b'}')? {
+                return Some(f);
             }
+        }
+    }
+
+    /// After a member of an object or array: `,` (true: another member follows) or
+    /// `close` (false: the container ended), with the whitespace around them.
+    fn more(&mut self, close: u8) -> Option<bool> {
+        self.ws();
+        match self.peek()? {
+            b',' => {
+                self.i += 1;
+                self.ws();
+                Some(true)
+            }
+            b if b == close => {
+                self.i += 1;
+                Some(false)
+            }
+            _ => None,
         }
     }
 
@@ -258,17 +266,8 @@ impl<'a> Cursor<'a> {
                     self.eat(b':')?;
                     self.ws();
                     self.value(depth)?;
-                    self.ws();
-                    match self.peek()? {
-                        b',' => {
-                            self.i += 1;
-                            self.ws();
-                        }
-                        b'}' => {
-                            self.i += 1;
-                            return Some(());
-                        }
-                        _ => return None,
+                    if !self.more(b'}')? {
+                        return Some(());
                     }
                 }
             }
@@ -281,17 +280,8 @@ impl<'a> Cursor<'a> {
                 }
                 loop {
                     self.value(depth)?;
-                    self.ws();
-                    match self.peek()? {
-                        b',' => {
-                            self.i += 1;
-                            self.ws();
-                        }
-                        b']' => {
-                            self.i += 1;
-                            return Some(());
-                        }
-                        _ => return None,
+                    if !self.more(b']')? {
+                        return Some(());
                     }
                 }
             }
