@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tungstenite::protocol::frame::Utf8Bytes;
 
-use crate::message::MessageText;
+use crate::message::{span_in, MessageText};
 
 pub mod scan;
 
@@ -341,7 +341,7 @@ fn json_err(e: serde_json::Error) -> CommandError {
 /// had no escapes, so they hold no `"`, `\` or control character (`serde_json` refuses
 /// those raw), and the token is exactly the one `serde_json` would write for `s`.
 fn quoted_token<'a>(input: &'a [u8], s: &str) -> Option<&'a [u8]> {
-    let start = offset_in(input, s)?;
+    let start = span_in(input, s.as_bytes())?.start;
     let open = start.checked_sub(1)?;
     let close = start + s.len();
     let quoted = input.get(open) == Some(&b'"') && input.get(close) == Some(&b'"');
@@ -350,17 +350,10 @@ fn quoted_token<'a>(input: &'a [u8], s: &str) -> Option<&'a [u8]> {
 
 /// A slice of `input` for `s` if `s` points into it, else a copy.
 fn share(input: &Bytes, s: &str) -> Bytes {
-    match offset_in(input, s) {
-        Some(start) => input.slice(start..start + s.len()),
+    match span_in(input, s.as_bytes()) {
+        Some(span) => input.slice(span),
         None => Bytes::copy_from_slice(s.as_bytes()),
     }
-}
-
-/// Where `s` starts in `input`, if it lies wholly inside it (decoded strings that had
-/// escapes are copies and lie elsewhere).
-fn offset_in(input: &[u8], s: &str) -> Option<usize> {
-    let start = (s.as_ptr() as usize).checked_sub(input.as_ptr() as usize)?;
-    (start.checked_add(s.len())? <= input.len()).then_some(start)
 }
 
 fn decode_string_token<'a>(raw: &'a RawValue, field: &str) -> Result<Cow<'a, str>, CommandError> {

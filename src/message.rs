@@ -238,8 +238,12 @@ impl MessageText {
     }
 }
 
-/// Where `piece` lies in `buf`, if wholly inside it.
-fn span_in(buf: &[u8], piece: &[u8]) -> Option<Range<usize>> {
+/// Where `piece` lies in `buf`, if wholly inside it. An empty piece (no key) is
+/// anywhere: it needs no bytes of its own, so it never forces a copy.
+pub(crate) fn span_in(buf: &[u8], piece: &[u8]) -> Option<Range<usize>> {
+    if piece.is_empty() {
+        return Some(0..0);
+    }
     let start = (piece.as_ptr() as usize).checked_sub(buf.as_ptr() as usize)?;
     let end = start.checked_add(piece.len())?;
     (end <= buf.len()).then_some(start..end)

@@ -425,6 +425,28 @@ mod tests {
     }
 
     #[test]
+    fn a_publish_without_a_key_shares_its_frame() {
+        // Both paths: the fast one, and serde_json's (a `headers` field sends it there).
+        for text in [
+            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":[1]}}"#,
+            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":[1],"headers":{}}}"#,
+        ] {
+            let frame = Utf8Bytes::from(text.to_owned());
+            let bytes: &Bytes = frame.as_ref();
+            let Ok(Command::Publish(p)) = crate::command::decode_frame(&frame, LIMIT) else {
+                panic!("{text} did not decode");
+            };
+            assert_eq!(p.text.routing_key_json(), b"\"\"");
+            let at = p.text.body().as_ptr() as usize;
+            let base = bytes.as_ptr() as usize;
+            assert!(
+                at > base && at < base + bytes.len(),
+                "body copied for {text}"
+            );
+        }
+    }
+
+    #[test]
     fn leaves_the_rest_to_serde_json() {
         let cases = [
             // Valid frames the scanner does not take.
