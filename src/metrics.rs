@@ -112,16 +112,6 @@ impl Metrics {
             .sum()
     }
 
-    /// Bytes held in queues by every shard but `me`.
-    pub fn memory_except(&self, me: usize) -> i64 {
-        self.shards
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| i != me)
-            .map(|(_, s)| s.memory.load(Ordering::Relaxed))
-            .sum()
-    }
-
     /// Open connections, summed over shards.
     pub fn connections(&self) -> i64 {
         self.shards

@@ -1102,7 +1102,8 @@ impl Shard {
             || mine.saturating_add(cache.others) > limit - limit / 8
         {
             cache = MemoryCache {
-                others: self.shared.metrics.memory_except(self.id),
+                // Only this executor writes its own gauge, so `mine` is still exact.
+                others: self.shared.metrics.memory().saturating_sub(mine),
                 at_ms: now_ms,
                 publishes: 0,
             };

@@ -43,7 +43,6 @@ pub fn push_u64(out: &mut Vec<u8>, v: u64) {
 
 /// Parses the unsigned integer after optional `:`/spaces at `at`; returns it and the
 /// offset just past it (pubsub-bench's manual-ack subscriber reads tags with it).
-#[allow(dead_code)]
 pub fn num_at(hay: &[u8], at: usize) -> Option<(u64, usize)> {
     let rest = hay.get(at..)?;
     let mut i = 0;
