@@ -17,7 +17,7 @@ pub mod handshake;
 
 pub use codec::{
     write_binary, write_close, write_frame_header, write_ping, write_pong, write_text,
-    write_text_header, write_text_parts, Decoder, Event, MAX_CONTROL_PAYLOAD, MAX_MESSAGE_BYTES,
+    write_text_header, Decoder, Event, MAX_CONTROL_PAYLOAD, MAX_MESSAGE_BYTES,
 };
 pub use error::WsError;
 pub use handshake::{accept, write_101};
