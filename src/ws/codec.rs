@@ -168,9 +168,12 @@ impl Decoder {
 
             buf.advance(header_len);
             let mut payload = buf.split_to(length);
-            if let Some(mask) = header.mask {
-                unmask(&mut payload, mask);
-            }
+            // Unmasking reads every byte anyway, so it also says whether all are ASCII,
+            // which spares a text frame the UTF-8 check (JSON frames nearly always are).
+            let ascii = match header.mask {
+                Some(mask) => unmask(&mut payload, mask),
+                None => false,
+            };
 
             match header.opcode {
                 OpCode::Control(Control::Ping) => return Ok(Some(Event::Ping(payload.freeze()))),
@@ -179,6 +182,12 @@ impl Decoder {
                 OpCode::Data(Data::Text) | OpCode::Data(Data::Binary) => {
                     let text = header.opcode == OpCode::Data(Data::Text);
                     if header.is_final {
+                        if text && ascii {
+                            // SAFETY: every byte is ASCII (`unmask` returned true), and
+                            // ASCII is UTF-8.
+                            let text = unsafe { Utf8Bytes::from_bytes_unchecked(payload.freeze()) };
+                            return Ok(Some(Event::Text(text)));
+                        }
                         return finish(text, payload).map(Some);
                     }
                     self.partial = Some(Partial {
@@ -234,22 +243,29 @@ fn parse_close(payload: &[u8]) -> Result<Event, WsError> {
     Ok(Event::Close(Some((code, reason.to_owned()))))
 }
 
-/// XORs `buf` with the repeating 4-byte `mask`.
-fn unmask(buf: &mut [u8], mask: [u8; 4]) {
+/// XORs `buf` with the repeating 4-byte `mask`; true when every unmasked byte is
+/// ASCII (no high bit set).
+fn unmask(buf: &mut [u8], mask: [u8; 4]) -> bool {
     let wide = u64::from_ne_bytes([
         mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
     ]);
+    let mut high = 0u64;
     let mut words = buf.chunks_exact_mut(8);
     for word in &mut words {
         if let Ok(bytes) = <[u8; 8]>::try_from(&*word) {
-            word.copy_from_slice(&(u64::from_ne_bytes(bytes) ^ wide).to_ne_bytes());
+            let plain = u64::from_ne_bytes(bytes) ^ wide;
+            high |= plain;
+            word.copy_from_slice(&plain.to_ne_bytes());
         }
     }
     // The tail (under 8 bytes) starts at a multiple of 8, hence of 4: the mask restarts at
     // its first byte.
+    let mut tail = 0u8;
     for (b, m) in words.into_remainder().iter_mut().zip(mask.iter().cycle()) {
         *b ^= m;
+        tail |= *b;
     }
+    high & 0x8080_8080_8080_8080 == 0 && tail & 0x80 == 0
 }
 
 /// Appends the header of a final, unmasked server frame with a payload of `len` bytes.
@@ -517,6 +533,29 @@ mod tests {
         bytes.extend_from_slice(&(1u64 << 63).to_be_bytes());
         bytes.extend_from_slice(&MASK);
         assert_eq!(one_err(&bytes).close_code(), 1002);
+    }
+
+    #[test]
+    fn a_high_byte_anywhere_gets_the_utf8_check() {
+        // Every length up to a few words and every position of one non-ASCII byte: the
+        // ASCII shortcut must see it in the words and in the tail alike.
+        for len in 1..40 {
+            let ascii = vec![b'a'; len];
+            let ev = decode_all(&mut Decoder::default(), &masked(0x81, &ascii)).unwrap();
+            assert_eq!(ev, vec![Event::Text(Utf8Bytes::try_from(ascii).unwrap())]);
+            for at in 0..len {
+                let mut bad = vec![b'a'; len];
+                bad[at] = 0xff;
+                let err = one_err(&masked(0x81, &bad));
+                assert_eq!(err, WsError::InvalidUtf8, "len {len}, 0xff at {at}");
+                let mut good = vec![b'a'; len + 1];
+                good[at] = 0xc3;
+                good[at + 1] = 0xa9;
+                let ev = decode_all(&mut Decoder::default(), &masked(0x81, &good)).unwrap();
+                let want = Utf8Bytes::try_from(good).unwrap();
+                assert_eq!(ev, vec![Event::Text(want)], "len {len}, é at {at}");
+            }
+        }
     }
 
     #[test]
