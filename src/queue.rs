@@ -250,25 +250,22 @@ impl QueueState {
         self.handle.spec.durable && msg.persistent
     }
 
+    /// Publishes the unacked and consumer counts for routers and `GET /queues`,
+    /// writing the shared line only when a value changed.
     fn publish_counts(&self) {
-        self.handle
-            .unacked
-            .store(self.unacked_total, Ordering::Relaxed);
+        let counts = &self.handle.counts;
+        if counts.unacked.load(Ordering::Relaxed) != self.unacked_total {
+            counts.unacked.store(self.unacked_total, Ordering::Relaxed);
+        }
         let active = self.consumers.iter().filter(|c| c.active).count();
-        self.handle.consumers.store(active, Ordering::Relaxed);
+        if counts.consumers.load(Ordering::Relaxed) != active {
+            counts.consumers.store(active, Ordering::Relaxed);
+        }
     }
 
     /// Releases `n` ready slots in the shared depth counter.
     fn release_depth(&self, n: usize) {
-        if n > 0 {
-            self.handle.drained.fetch_add(n as u64, Ordering::Relaxed);
-            let _ = self
-                .handle
-                .depth
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
-                    Some(d.saturating_sub(n))
-                });
-        }
+        self.handle.take_ready(n);
     }
 
     /// Puts a restored message back (recovery): no persistence record, keeps its seq.
@@ -276,7 +273,7 @@ impl QueueState {
         // The queue's TTL runs from when the message entered it, not from the restart.
         let expires_at = self.expiry_for(&msg, msg.published_at.min(now));
         self.next_seq = self.next_seq.max(seq + 1);
-        self.handle.depth.fetch_add(1, Ordering::AcqRel);
+        self.handle.add_ready(1);
         self.ready.push_back(Entry {
             msg,
             seq,
@@ -481,7 +478,7 @@ impl QueueState {
             }
             self.ready.push_front(e);
         }
-        self.handle.depth.fetch_add(n, Ordering::AcqRel);
+        self.handle.add_ready(n);
     }
 
     fn consumer_mut(&mut self, id: ConsumerId) -> Option<&mut Consumer> {
@@ -597,7 +594,7 @@ impl QueueState {
             fx.freed += e.msg.weight();
         }
         self.unacked_total = 0;
-        self.handle.depth.store(0, Ordering::Release);
+        self.handle.clear_ready();
         self.publish_counts();
     }
 
@@ -673,8 +670,8 @@ mod tests {
             [(1, "a".into()), (2, "b".into()), (2, "c".into())]
         );
         assert_eq!(q.ready_len(), 2);
-        assert_eq!(q.handle().depth.load(Ordering::Relaxed), 2);
-        assert_eq!(q.handle().unacked.load(Ordering::Relaxed), 3);
+        assert_eq!(q.handle().depth(), 2);
+        assert_eq!(q.handle().counts.unacked.load(Ordering::Relaxed), 3);
         fx.deliveries.clear();
         q.ack(cid(1), 1, false, &mut fx);
         q.dispatch(0, &mut fx);
@@ -714,7 +711,7 @@ mod tests {
         q.dispatch(0, &mut fx);
         q.remove_consumer(cid(1), true, &mut fx);
         assert_eq!(q.ready_len(), 1);
-        assert_eq!(q.handle().unacked.load(Ordering::Relaxed), 0);
+        assert_eq!(q.handle().counts.unacked.load(Ordering::Relaxed), 0);
         fx.deliveries.clear();
         q.add_consumer(cid(2), AckMode::Auto, 0);
         q.dispatch(0, &mut fx);
@@ -761,7 +758,7 @@ mod tests {
         assert_eq!(q.ready_len(), 1);
         q.expire(1_100, &mut fx);
         assert_eq!(q.ready_len(), 0);
-        assert_eq!(q.handle().depth.load(Ordering::Relaxed), 0);
+        assert_eq!(q.handle().depth(), 0);
     }
 
     #[test]
@@ -783,7 +780,7 @@ mod tests {
             fx.persist.last(),
             Some(PersistOp::Removed { seq: 2 })
         ));
-        assert_eq!(q.handle().unacked.load(Ordering::Relaxed), 1);
+        assert_eq!(q.handle().counts.unacked.load(Ordering::Relaxed), 1);
         q.ack(cid(1), 1, false, &mut fx);
         assert!(matches!(
             fx.persist.last(),
@@ -801,9 +798,9 @@ mod tests {
             push(&mut q, &mut ids, b, &mut fx);
         }
         q.dispatch(0, &mut fx);
-        assert_eq!(q.handle().unacked.load(Ordering::Relaxed), 3);
+        assert_eq!(q.handle().counts.unacked.load(Ordering::Relaxed), 3);
         q.written(cid(1), 2, &mut fx);
-        assert_eq!(q.handle().unacked.load(Ordering::Relaxed), 1);
+        assert_eq!(q.handle().counts.unacked.load(Ordering::Relaxed), 1);
         q.returned(cid(1), &[3], &mut fx);
         assert_eq!(q.ready_len(), 1);
     }

@@ -32,6 +32,7 @@ use bytes::Bytes;
 use crate::command::{BindingDecl, ExchangeDecl, ExchangeKind, QueueSpec};
 use crate::message::Message;
 use crate::sync::mpsc::MsgQueue;
+use crate::sync::shim::CachePadded;
 
 /// Placement: the shard that is home to the object with this name (FNV-1a).
 pub fn placement(name: &str, shards: usize) -> usize {
@@ -98,17 +99,28 @@ pub struct QueueHandle {
     pub inbox: MsgQueue<Pending>,
     /// Set by a router that must tell the home shard the inbox has work; cleared by
     /// the home shard before it drains (so a push after the clear schedules again).
-    pub scheduled: AtomicBool,
-    /// Ready messages, counting those still in the inbox: routers reserve a slot here
-    /// first (`reject_publish` refuses when full), the home shard releases it.
-    pub depth: AtomicUsize,
+    /// Both sides write it, so it has a cache line of its own.
+    pub scheduled: CachePadded<AtomicBool>,
+    /// Ready slots ever reserved: routers add one per message they push (the home
+    /// shard adds requeued and restored messages). Only writers of messages write
+    /// this line, so a publisher that feeds the queue keeps it in its own cache
+    /// instead of taking it back from the home shard on every message; the ready
+    /// count is `routed - drained` ([`QueueHandle::depth`]).
+    routed: CachePadded<AtomicU64>,
+    /// What the home shard writes and routers and `GET /queues` read, on its own line.
+    pub counts: CachePadded<HomeCounts>,
+}
+
+/// A queue's counters written by its home shard only.
+#[derive(Debug, Default)]
+pub struct HomeCounts {
+    /// Ready messages ever taken off the queue (delivered, expired, dropped, purged):
+    /// publishers paused by flow control watch it move (see [`QueueHandle::wants_flow`]).
+    pub drained: AtomicU64,
     /// Delivered, not yet settled.
     pub unacked: AtomicUsize,
     /// Active consumers.
     pub consumers: AtomicUsize,
-    /// Ready messages ever taken off the queue (delivered, expired, dropped, purged):
-    /// publishers paused by flow control watch it move (see [`QueueHandle::wants_flow`]).
-    pub drained: AtomicU64,
     /// Set when the queue is deleted; routers that still hold an old snapshot may push,
     /// the home shard drops what arrives.
     pub deleted: AtomicBool,
@@ -144,41 +156,68 @@ impl QueueHandle {
             home,
             exclusive,
             inbox: MsgQueue::new(),
-            scheduled: AtomicBool::new(false),
-            depth: AtomicUsize::new(0),
-            unacked: AtomicUsize::new(0),
-            consumers: AtomicUsize::new(0),
-            drained: AtomicU64::new(0),
-            deleted: AtomicBool::new(false),
+            scheduled: CachePadded(AtomicBool::new(false)),
+            routed: CachePadded(AtomicU64::new(0)),
+            counts: CachePadded(HomeCounts::default()),
         }
+    }
+
+    /// Ready messages, counting those still in the inbox. `drained` is read first:
+    /// every message it counts was reserved in `routed` before, so the difference
+    /// never goes below zero.
+    pub fn depth(&self) -> usize {
+        let drained = self.counts.drained.load(Ordering::Acquire);
+        let routed = self.routed.load(Ordering::Acquire);
+        usize::try_from(routed.saturating_sub(drained)).unwrap_or(usize::MAX)
+    }
+
+    /// The home shard puts `n` messages back among the ready ones (requeue, restore).
+    pub fn add_ready(&self, n: usize) {
+        self.routed.fetch_add(n as u64, Ordering::AcqRel);
+    }
+
+    /// The home shard took `n` ready messages off the queue for good or to deliver.
+    pub fn take_ready(&self, n: usize) {
+        if n > 0 {
+            self.counts.drained.fetch_add(n as u64, Ordering::AcqRel);
+        }
+    }
+
+    /// The queue is gone: nothing it held is ready any more.
+    pub fn clear_ready(&self) {
+        let routed = self.routed.load(Ordering::Acquire);
+        self.counts.drained.fetch_max(routed, Ordering::AcqRel);
     }
 
     /// Publisher flow control: true when this queue has consumers and more than
     /// [`FLOW_HIGH`] ready messages, i.e. its consumers are behind the publishers and
     /// a publisher feeding it should stop reading until they catch up.
     pub fn wants_flow(&self) -> bool {
-        self.depth.load(Ordering::Relaxed) > FLOW_HIGH && self.consumers.load(Ordering::Relaxed) > 0
+        self.depth() > FLOW_HIGH && self.counts.consumers.load(Ordering::Relaxed) > 0
     }
 
     /// A paused publisher may go on: the backlog is down to [`FLOW_LOW`], or nobody
     /// consumes the queue any more.
     pub fn flow_clear(&self) -> bool {
-        self.depth.load(Ordering::Relaxed) <= FLOW_LOW
-            || self.consumers.load(Ordering::Relaxed) == 0
+        self.depth() <= FLOW_LOW || self.counts.consumers.load(Ordering::Relaxed) == 0
     }
 
     /// Reserves a ready slot for one more message; false when `reject_publish` refuses.
     pub fn reserve(&self) -> bool {
         use crate::command::Overflow;
         match (self.spec.max_length, self.spec.overflow) {
-            (Some(max), Overflow::RejectPublish) => self
-                .depth
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
-                    ((d as u64) < max).then_some(d + 1)
-                })
-                .is_ok(),
+            (Some(max), Overflow::RejectPublish) => {
+                // A `drained` read a moment ago can only be lower than now, so a
+                // race errs towards refusing, never past `max`.
+                let drained = self.counts.drained.load(Ordering::Acquire);
+                self.routed
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+                        (r.saturating_sub(drained) < max).then_some(r + 1)
+                    })
+                    .is_ok()
+            }
             _ => {
-                self.depth.fetch_add(1, Ordering::AcqRel);
+                self.routed.fetch_add(1, Ordering::AcqRel);
                 true
             }
         }

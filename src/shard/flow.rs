@@ -79,7 +79,7 @@ impl FlowGate {
             FlowGate::Exempt { queue: q, until } if Arc::ptr_eq(q, &queue) && now < *until => false,
             _ => {
                 *self = FlowGate::Paused {
-                    drained: queue.drained.load(Ordering::Relaxed),
+                    drained: queue.counts.drained.load(Ordering::Relaxed),
                     queue,
                     progress_at: now,
                     since: now,
@@ -108,7 +108,7 @@ impl FlowGate {
                     *self = FlowGate::Open;
                     return;
                 }
-                let d = queue.drained.load(Ordering::Relaxed);
+                let d = queue.counts.drained.load(Ordering::Relaxed);
                 if d != *drained {
                     *drained = d;
                     *progress_at = now;
@@ -134,8 +134,8 @@ mod tests {
 
     fn queue(depth: usize, consumers: usize) -> Arc<QueueHandle> {
         let q = Arc::new(QueueHandle::new("q", QueueSpec::default(), 0, None));
-        q.depth.store(depth, Ordering::Relaxed);
-        q.consumers.store(consumers, Ordering::Relaxed);
+        q.add_ready(depth);
+        q.counts.consumers.store(consumers, Ordering::Relaxed);
         q
     }
 
@@ -157,12 +157,12 @@ mod tests {
         assert!(!g.hint(q.clone(), t0), "already paused");
         // Draining but still above the low mark: stays paused, however long it takes.
         for i in 1..=10u64 {
-            q.drained.fetch_add(100, Ordering::Relaxed);
-            q.depth.store(FLOW_LOW + 1, Ordering::Relaxed);
+            q.take_ready(100);
+            assert!(q.depth() > FLOW_LOW);
             g.check(t0 + FLOW_STALL * (i as u32) / 2);
             assert!(g.paused(), "step {i}");
         }
-        q.depth.store(FLOW_LOW, Ordering::Relaxed);
+        q.take_ready(q.depth() - FLOW_LOW);
         g.check(t0 + FLOW_STALL * 6);
         assert!(!g.paused());
     }
@@ -173,7 +173,7 @@ mod tests {
         let q = queue(FLOW_HIGH + 1, 1);
         let mut g = FlowGate::default();
         g.hint(q.clone(), t0);
-        q.consumers.store(0, Ordering::Relaxed);
+        q.counts.consumers.store(0, Ordering::Relaxed);
         g.check(t0);
         assert!(!g.paused());
     }
@@ -208,11 +208,11 @@ mod tests {
         let mut t = t0;
         while t + step < t0 + FLOW_MAX_PAUSE {
             t += step;
-            q.drained.fetch_add(1, Ordering::Relaxed);
+            q.take_ready(1);
             g.check(t);
             assert!(g.paused(), "draining steadily, still under the limit");
         }
-        q.drained.fetch_add(1, Ordering::Relaxed);
+        q.take_ready(1);
         g.check(t0 + FLOW_MAX_PAUSE);
         assert!(!g.paused(), "a single pause ends at FLOW_MAX_PAUSE");
         assert!(

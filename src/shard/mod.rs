@@ -740,7 +740,7 @@ impl Shard {
                 mode,
                 prefetch,
             } => {
-                if queue.deleted.load(Ordering::Acquire) {
+                if queue.counts.deleted.load(Ordering::Acquire) {
                     self.send(id.shard, ShardMsg::Cancelled { id });
                     return;
                 }
@@ -879,7 +879,7 @@ impl Shard {
     fn queue_work(self: &Rc<Self>, h: &Arc<QueueHandle>, now: u64) {
         // Clear first: a router that pushes after this sees `false` and schedules again.
         h.scheduled.swap(false, Ordering::AcqRel);
-        if h.deleted.load(Ordering::Acquire) {
+        if h.counts.deleted.load(Ordering::Acquire) {
             let mut freed = 0;
             while let Some(p) = h.inbox.pop() {
                 freed += p.msg.weight();
@@ -1291,7 +1291,7 @@ impl Shard {
             Ok::<_, TopologyError>(next)
         })?;
         if let Some(old) = &removed {
-            old.deleted.store(true, Ordering::Release);
+            old.counts.deleted.store(true, Ordering::Release);
             self.send(old.home, ShardMsg::DeleteQueue(old.clone()));
         }
         Ok(removed)
@@ -1599,15 +1599,11 @@ impl Shard {
     pub fn render_metrics(&self) -> String {
         let guard = pin();
         let topo = self.shared.topology.load(&guard);
-        let ready: usize = topo
-            .queues
-            .values()
-            .map(|q| q.depth.load(Ordering::Relaxed))
-            .sum();
+        let ready: usize = topo.queues.values().map(|q| q.depth()).sum();
         let unacked: usize = topo
             .queues
             .values()
-            .map(|q| q.unacked.load(Ordering::Relaxed))
+            .map(|q| q.counts.unacked.load(Ordering::Relaxed))
             .sum();
         self.shared.metrics.render(&[
             (
@@ -1669,9 +1665,9 @@ fn queue_value(q: &QueueHandle) -> serde_json::Value {
     serde_json::json!({
         "name": &*q.name,
         "durable": q.spec.durable,
-        "messages_ready": q.depth.load(Ordering::Relaxed),
-        "messages_unacked": q.unacked.load(Ordering::Relaxed),
-        "consumers": q.consumers.load(Ordering::Relaxed),
+        "messages_ready": q.depth(),
+        "messages_unacked": q.counts.unacked.load(Ordering::Relaxed),
+        "consumers": q.counts.consumers.load(Ordering::Relaxed),
         "max_length": q.spec.max_length,
         "message_ttl_ms": q.spec.message_ttl_ms,
         "overflow": q.spec.overflow.as_str(),
