@@ -897,9 +897,7 @@ impl Shard {
             return;
         }
         self.with_queue_create(h, |q, fx| {
-            while let Some(p) = h.inbox.pop() {
-                q.enqueue(p.msg, p.ticket, now, fx);
-            }
+            h.inbox.drain(|p| q.enqueue(p.msg, p.ticket, now, fx));
             q.dispatch(now, fx);
         });
     }
