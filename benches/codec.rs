@@ -89,7 +89,7 @@ fn publish_decode(c: &mut Criterion) {
     ] {
         group.bench_function(name, |b| {
             b.iter(|| {
-                let cmd = decode_frame(black_box(frame), 1 << 20);
+                let cmd = decode_frame(black_box(frame.clone()), 1 << 20);
                 assert!(matches!(cmd, Ok(Command::Publish(_))));
                 black_box(cmd)
             })

@@ -669,12 +669,16 @@ pub fn salvage_ref(frame: &[u8]) -> Option<Bytes> {
     Some(Bytes::copy_from_slice(raw.get().as_bytes()))
 }
 
-/// Decodes one WebSocket text frame `{"type": …, "payload": {…}}`.
-pub fn decode_frame(frame: &Utf8Bytes, max_payload: usize) -> Result<Command, CommandError> {
-    let input: &Bytes = frame.as_ref();
-    match scan::publish_frame(input, max_payload) {
-        Some(p) => Ok(Command::Publish(p)),
-        None => decode_frame_json(frame, max_payload),
+/// Decodes one WebSocket text frame `{"type": …, "payload": {…}}`, taking it (a
+/// publish keeps the frame's buffer as its text). An error gives the frame back, so
+/// the caller can still quote the client's `ref`.
+pub fn decode_frame(
+    frame: Utf8Bytes,
+    max_payload: usize,
+) -> Result<Command, (CommandError, Utf8Bytes)> {
+    match scan::publish_frame(frame, max_payload) {
+        Ok(p) => Ok(Command::Publish(p)),
+        Err(frame) => decode_frame_json(&frame, max_payload).map_err(|e| (e, frame)),
     }
 }
 
@@ -924,7 +928,7 @@ mod tests {
     fn frames_decode() {
         let f =
             b(r#"{"type":"SUBSCRIBE","payload":{"queue_name":"q","ack":"manual","prefetch":5}}"#);
-        match decode_frame(&u(&f), 10).unwrap() {
+        match decode_frame(u(&f), 10).unwrap() {
             Command::Subscribe(s) => {
                 assert_eq!(s.target, SubscribeTarget::Queue("q".into()));
                 assert_eq!(s.ack, AckMode::Manual);
@@ -933,7 +937,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let f = b(r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":[1],"ref":"r1"}}"#);
-        match decode_frame(&u(&f), 10).unwrap() {
+        match decode_frame(u(&f), 10).unwrap() {
             Command::Publish(p) => {
                 assert_eq!(p.text.body(), b"[1]");
                 assert_eq!(p.reference.as_deref(), Some(&b"\"r1\""[..]));
@@ -942,22 +946,20 @@ mod tests {
         }
         let f = b(r#"{"type":"NACK","payload":{"delivery_tag":3,"requeue":false}}"#);
         assert!(matches!(
-            decode_frame(&u(&f), 10).unwrap(),
+            decode_frame(u(&f), 10).unwrap(),
             Command::Nack {
                 tag: 3,
                 multiple: false,
                 requeue: false
             }
         ));
-        assert!(decode_frame(&u(&b(r#"{"type":"NOPE"}"#)), 10).is_err());
-        assert!(decode_frame(&u(&b(r#"[1,2]"#)), 10).is_err());
-        assert!(decode_frame(
-            &u(&b(r#"{"type":"ACK","payload":{"delivery_tag":-1}}"#)),
-            10
-        )
-        .is_err());
+        assert!(decode_frame(u(&b(r#"{"type":"NOPE"}"#)), 10).is_err());
+        assert!(decode_frame(u(&b(r#"[1,2]"#)), 10).is_err());
+        assert!(
+            decode_frame(u(&b(r#"{"type":"ACK","payload":{"delivery_tag":-1}}"#)), 10).is_err()
+        );
         let bad = b(r#"{"type":"PUBLISH","payload":{"ref":"r9"}}"#);
-        assert!(decode_frame(&u(&bad), 10).is_err());
+        assert!(decode_frame(u(&bad), 10).is_err());
         assert_eq!(salvage_ref(&bad).as_deref(), Some(&b"\"r9\""[..]));
     }
 

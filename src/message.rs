@@ -188,6 +188,30 @@ impl MessageText {
         }
     }
 
+    /// The text of a message whose pieces are already known as ranges of `buf` (a
+    /// scanned frame), taking `buf` itself: no new reference to a buffer whose count
+    /// the delivering shard also writes. An empty `key_json` means no key. A range
+    /// outside `buf` reads as empty (every accessor checks), so a caller's mistake
+    /// garbles the text, never memory.
+    pub fn from_ranges(
+        buf: Bytes,
+        exchange_json: Range<usize>,
+        key_json: Range<usize>,
+        key: Range<usize>,
+        body: Range<usize>,
+    ) -> Self {
+        debug_assert!([&exchange_json, &key_json, &key, &body]
+            .iter()
+            .all(|r| r.start <= r.end && r.end <= buf.len()));
+        MessageText {
+            buf,
+            exchange_json,
+            key_json,
+            key,
+            body,
+        }
+    }
+
     fn piece(&self, r: &Range<usize>) -> &[u8] {
         self.buf.get(r.clone()).unwrap_or_default()
     }

@@ -28,6 +28,7 @@
 use std::ops::Range;
 
 use bytes::Bytes;
+use tungstenite::protocol::frame::Utf8Bytes;
 
 use super::{validate_ref_name, Publish};
 use crate::message::MessageText;
@@ -36,9 +37,18 @@ use crate::message::MessageText;
 /// payloads go to `serde_json` (whose own limit is 128).
 pub const MAX_DEPTH: usize = 64;
 
-/// Decodes a whole WebSocket text frame `{"type":"PUBLISH","payload":{…}}`, or `None`
-/// when `serde_json` must decide. `frame` is known to be UTF-8.
-pub fn publish_frame(frame: &Bytes, max_payload: usize) -> Option<Publish> {
+/// Decodes a whole WebSocket text frame `{"type":"PUBLISH","payload":{…}}`, taking
+/// it: the frame's buffer becomes the message's text without another reference to
+/// it. Gives the frame back when `serde_json` must decide.
+pub fn publish_frame(frame: Utf8Bytes, max_payload: usize) -> Result<Publish, Utf8Bytes> {
+    match frame_fields(frame.as_bytes(), max_payload) {
+        Some(fields) => Ok(fields.into_publish(Bytes::from(frame))),
+        None => Err(frame),
+    }
+}
+
+/// The fields of a publish frame, checked; `None` when `serde_json` must decide.
+fn frame_fields(frame: &[u8], max_payload: usize) -> Option<Checked> {
     const OPENING: [&[u8]; 7] = [
         b"{",
         b"\"type\"",
@@ -59,7 +69,7 @@ pub fn publish_frame(frame: &Bytes, max_payload: usize) -> Option<Publish> {
     c.eat(b'}')?;
     c.ws();
     c.at_end()?;
-    fields.into_publish(frame, max_payload)
+    fields.check(frame, max_payload)
 }
 
 /// Decodes the body of `POST /publish` (the object inside a frame's `payload`), or
@@ -74,7 +84,7 @@ pub fn publish_body(body: &Bytes, max_payload: usize) -> Option<Publish> {
     let fields = c.body()?;
     c.ws();
     c.at_end()?;
-    fields.into_publish(body, max_payload)
+    Some(fields.check(body, max_payload)?.into_publish(body.clone()))
 }
 
 /// Where a publish's fields sit in the input (string ranges include their quotes).
@@ -89,13 +99,15 @@ struct Fields {
 }
 
 impl Fields {
-    fn into_publish(self, input: &Bytes, max_payload: usize) -> Option<Publish> {
+    /// Checks what the grammar alone cannot (a payload, an exchange name, sizes and
+    /// names that `serde_json`'s path would refuse) and pins down every range.
+    fn check(self, input: &[u8], max_payload: usize) -> Option<Checked> {
         let exchange = self.exchange?;
         let payload = self.payload?;
         if payload.len() > max_payload {
             return None;
         }
-        let exchange_json = input.get(exchange)?;
+        let exchange_json = input.get(exchange.clone())?;
         let name = exchange_json.get(1..exchange_json.len() - 1)?;
         // Printable ASCII, the usual name, is valid as it stands; others get the full
         // check (the frame is UTF-8 and the quotes are ASCII, so `name` is too).
@@ -103,19 +115,58 @@ impl Fields {
         if !printable || name.is_empty() || name.len() > super::MAX_NAME_BYTES {
             validate_ref_name(std::str::from_utf8(name).ok()?, "exchange").ok()?;
         }
-        let key_json = match self.key {
-            Some(token) => Some(input.get(token)?),
-            None => None,
+        // A string token includes both quotes, so it is at least 2 bytes long. An
+        // empty key is `0..0`, as `MessageText::new` places every empty piece.
+        let (key_json, key) = match self.key {
+            Some(token) if token.len() > 2 => (token.clone(), token.start + 1..token.end - 1),
+            Some(token) => (token, 0..0),
+            None => (0..0, 0..0),
         };
-        let key = key_json.map_or(Some(&b""[..]), |t| t.get(1..t.len() - 1))?;
-        Some(Publish {
-            text: MessageText::new(input, exchange_json, key_json, key, input.get(payload)?),
+        input.get(key_json.clone())?;
+        input.get(payload.clone())?;
+        if let Some(r) = &self.reference {
+            input.get(r.clone())?;
+        }
+        Some(Checked {
+            exchange,
+            key_json,
+            key,
+            payload,
             confirm: self.confirm.unwrap_or(false),
             persistent: self.persistent.unwrap_or(true),
+            reference: self.reference,
+        })
+    }
+}
+
+/// A publish's fields once [`Fields::check`] passed: ranges inside the input.
+struct Checked {
+    exchange: Range<usize>,
+    key_json: Range<usize>,
+    key: Range<usize>,
+    payload: Range<usize>,
+    confirm: bool,
+    persistent: bool,
+    reference: Option<Range<usize>>,
+}
+
+impl Checked {
+    /// The publish, owning `input` (the bytes the ranges were found in).
+    fn into_publish(self, input: Bytes) -> Publish {
+        Publish {
+            reference: self.reference.map(|r| input.slice(r)),
+            text: MessageText::from_ranges(
+                input,
+                self.exchange,
+                self.key_json,
+                self.key,
+                self.payload,
+            ),
+            confirm: self.confirm,
+            persistent: self.persistent,
             ttl_ms: None,
             headers: None,
-            reference: self.reference.map(|r| input.slice(r)),
-        })
+        }
     }
 }
 
@@ -380,8 +431,7 @@ mod tests {
     /// must decode to the very same `Publish`. Returns whether it accepted.
     fn check_frame(text: &str) -> bool {
         let frame = Utf8Bytes::from(text.to_owned());
-        let bytes: &Bytes = frame.as_ref();
-        let Some(fast) = publish_frame(bytes, LIMIT) else {
+        let Ok(fast) = publish_frame(frame.clone(), LIMIT) else {
             return false;
         };
         match decode_frame_json(&frame, LIMIT) {
@@ -417,7 +467,7 @@ mod tests {
         for c in cases {
             assert!(check_frame(c), "not taken by the fast path: {c}");
         }
-        let p = publish_frame(&Bytes::from(cases[2]), LIMIT).unwrap();
+        let p = publish_frame(Utf8Bytes::from(cases[2]), LIMIT).unwrap();
         assert!(p.confirm && !p.persistent);
         assert_eq!(p.reference.as_deref(), Some(&b"\"r-1\""[..]));
         assert_eq!(p.text.exchange(), "x");
@@ -432,17 +482,14 @@ mod tests {
             r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":[1],"headers":{}}}"#,
         ] {
             let frame = Utf8Bytes::from(text.to_owned());
-            let bytes: &Bytes = frame.as_ref();
-            let Ok(Command::Publish(p)) = crate::command::decode_frame(&frame, LIMIT) else {
+            let base = frame.as_bytes().as_ptr() as usize;
+            let len = frame.len();
+            let Ok(Command::Publish(p)) = crate::command::decode_frame(frame, LIMIT) else {
                 panic!("{text} did not decode");
             };
             assert_eq!(p.text.routing_key_json(), b"\"\"");
             let at = p.text.body().as_ptr() as usize;
-            let base = bytes.as_ptr() as usize;
-            assert!(
-                at > base && at < base + bytes.len(),
-                "body copied for {text}"
-            );
+            assert!(at > base && at < base + len, "body copied for {text}");
         }
     }
 
@@ -482,7 +529,7 @@ mod tests {
         );
         assert!(!check_frame(&deep));
         let big = r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":"0123456789"}}"#;
-        assert!(publish_frame(&Bytes::from(big), 5).is_none());
+        assert!(publish_frame(Utf8Bytes::from(big), 5).is_err());
     }
 
     #[test]

@@ -937,9 +937,9 @@ impl Conn {
     }
 
     fn ws_text(&mut self, frame: ws::Utf8Bytes, now: u64) {
-        let cmd = match command::decode_frame(&frame, self.max_payload()) {
+        let cmd = match command::decode_frame(frame, self.max_payload()) {
             Ok(c) => c,
-            Err(e) => {
+            Err((e, frame)) => {
                 let reference = command::salvage_ref(frame.as_bytes());
                 return self.ws_error(reference.as_deref(), e.code(), &e.to_string(), &[]);
             }
