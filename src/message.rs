@@ -228,7 +228,7 @@ impl MessageText {
             .get(1..token.len().saturating_sub(1))
             .unwrap_or_default();
         if memchr::memchr(b'\\', inner).is_none() {
-            return Cow::Borrowed(std::str::from_utf8(inner).unwrap_or_default());
+            return Cow::Borrowed(as_text(inner));
         }
         Cow::Owned(serde_json::from_slice::<String>(token).unwrap_or_default())
     }
@@ -248,7 +248,7 @@ impl MessageText {
 
     /// The routing key as text.
     pub fn routing_key_str(&self) -> &str {
-        std::str::from_utf8(self.routing_key()).unwrap_or_default()
+        as_text(self.routing_key())
     }
 
     /// The body: the client's raw JSON bytes.
@@ -260,6 +260,17 @@ impl MessageText {
     pub fn body_bytes(&self) -> Bytes {
         self.buf.slice(self.body.clone())
     }
+}
+
+/// `b` as text, or `""` if it is not UTF-8 (a message's names and key always are).
+/// ASCII, the usual case, is recognised a word at a time; the general UTF-8 check
+/// goes byte by byte on strings this short and is looked up on every publish.
+fn as_text(b: &[u8]) -> &str {
+    if b.is_ascii() {
+        // SAFETY: every byte is ASCII (checked just above), and ASCII is UTF-8.
+        return unsafe { std::str::from_utf8_unchecked(b) };
+    }
+    std::str::from_utf8(b).unwrap_or_default()
 }
 
 /// Where `piece` lies in `buf`, if wholly inside it. An empty piece (no key) is
