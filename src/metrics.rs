@@ -138,7 +138,7 @@ impl Metrics {
     pub fn render(&self, extra: &[(&str, &str, f64)]) -> String {
         let mut out = String::with_capacity(2048);
         type Getter = fn(&ShardCounters) -> i64;
-        let counters: [(&str, &str, Getter); 10] = [
+        let counters: [(&str, &str, Getter); 9] = [
             (
                 "pubsub_messages_published_total",
                 "Messages accepted by publish.",
@@ -182,11 +182,6 @@ impl Metrics {
                 "Open WebSocket connections.",
                 |c| c.websockets.load(Ordering::Relaxed),
             ),
-            (
-                "pubsub_queue_memory_bytes",
-                "Bytes of messages held in queues.",
-                |c| c.memory.load(Ordering::Relaxed),
-            ),
         ];
         for (name, help, get) in counters {
             let kind = if name.ends_with("_total") {
@@ -199,6 +194,15 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", get(s));
             }
         }
+        // One figure for the whole broker: the shard that publishes a message adds
+        // its bytes and the queue's home shard takes them off, so a shard's own gauge
+        // means nothing alone (and goes negative on a delivering shard).
+        let _ = writeln!(
+            out,
+            "# HELP pubsub_queue_memory_bytes Bytes of messages held in queues.\n\
+             # TYPE pubsub_queue_memory_bytes gauge\npubsub_queue_memory_bytes {}",
+            self.memory().max(0)
+        );
         let p = &self.persist;
         let persist: [(&str, &str, &str, u64); 7] = [
             (
@@ -274,6 +278,19 @@ mod tests {
             s.websockets.store(n, Ordering::Relaxed);
         }
         m
+    }
+
+    #[test]
+    fn queue_memory_is_one_total_never_a_negative_shard() {
+        let m = Metrics::new(2);
+        // Published (added) on shard 0, delivered and freed on shard 1.
+        m.shard(0).memory.store(1000, Ordering::Relaxed);
+        m.shard(1).memory.store(-400, Ordering::Relaxed);
+        let text = m.render(&[]);
+        assert!(text.contains("\npubsub_queue_memory_bytes 600\n"), "{text}");
+        assert!(!text.contains("pubsub_queue_memory_bytes{"), "{text}");
+        m.shard(1).memory.store(-1000, Ordering::Relaxed);
+        assert!(m.render(&[]).contains("\npubsub_queue_memory_bytes 0\n"));
     }
 
     #[test]
