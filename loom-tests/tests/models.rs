@@ -141,12 +141,13 @@ fn spsc_drop_leftovers() {
 
 // ------------------------------------------------------------------ MsgQueue
 
-/// Two producers (one crossing a block boundary: loom blocks hold 2 slots) and a
-/// consumer popping concurrently: every item once, FIFO per producer, the retired
-/// block reclaimed without use-after-free, leftovers dropped by `Drop`.
-#[test]
-fn mpsc_two_producers_one_consumer() {
-    loom::model(|| {
+/// Two producers (A pushes 0 then 1, crossing a block boundary: loom blocks hold 2
+/// slots; B pushes 2) against a consumer that calls `take` `tries` times while they
+/// run, then until it finds nothing: every item once, A's in order, the retired block
+/// reclaimed without use-after-free, each item dropped exactly once. `take` moves
+/// what it took into `seen` and says whether it took anything.
+fn two_producers_against(take: fn(&MsgQueue<Item>, &mut Vec<usize>) -> bool, tries: usize) {
+    loom::model(move || {
         let log = DropLog::new(3);
         let q = Arc::new(MsgQueue::<Item>::new());
         let (qa, la) = (q.clone(), log.clone());
@@ -157,53 +158,14 @@ fn mpsc_two_producers_one_consumer() {
         let (qb, lb) = (q.clone(), log.clone());
         let b = thread::spawn(move || qb.push(lb.item(2)));
         let mut seen = Vec::new();
-        // Pop what is there, a bounded number of times (the rest is left for Drop).
-        for _ in 0..3 {
-            match q.pop() {
-                Some(item) => seen.push(item.v),
-                None => thread::yield_now(),
-            }
-        }
-        a.join().unwrap();
-        b.join().unwrap();
-        while let Some(item) = q.pop() {
-            seen.push(item.v);
-        }
-        assert!(q.is_empty());
-        let pos = |v| seen.iter().position(|&x| x == v);
-        assert!(pos(0) < pos(1), "producer A's items out of order: {seen:?}");
-        let mut sorted = seen.clone();
-        sorted.sort_unstable();
-        assert_eq!(sorted, vec![0, 1, 2], "lost or duplicated: {seen:?}");
-        drop(q);
-        log.assert_each_dropped_once();
-    });
-}
-
-/// `drain` (one consumer-flag acquisition for many items) against two producers
-/// crossing a block boundary: every item exactly once, each producer's in order,
-/// whether a drain stops early at a claimed but unwritten slot or not.
-#[test]
-fn mpsc_drain_two_producers() {
-    loom::model(|| {
-        let log = DropLog::new(3);
-        let q = Arc::new(MsgQueue::<Item>::new());
-        let (qa, la) = (q.clone(), log.clone());
-        let a = thread::spawn(move || {
-            qa.push(la.item(0));
-            qa.push(la.item(1));
-        });
-        let (qb, lb) = (q.clone(), log.clone());
-        let b = thread::spawn(move || qb.push(lb.item(2)));
-        let mut seen = Vec::new();
-        for _ in 0..2 {
-            if q.drain(|item| seen.push(item.v)) == 0 {
+        for _ in 0..tries {
+            if !take(&q, &mut seen) {
                 thread::yield_now();
             }
         }
         a.join().unwrap();
         b.join().unwrap();
-        q.drain(|item| seen.push(item.v));
+        while take(&q, &mut seen) {}
         assert!(q.is_empty());
         assert!(q.pop().is_none());
         let pos = |v| seen.iter().position(|&x| x == v);
@@ -214,6 +176,28 @@ fn mpsc_drain_two_producers() {
         drop(q);
         log.assert_each_dropped_once();
     });
+}
+
+/// `pop` against two producers (see [`two_producers_against`]).
+#[test]
+fn mpsc_two_producers_one_consumer() {
+    two_producers_against(
+        |q, seen| match q.pop() {
+            Some(item) => {
+                seen.push(item.v);
+                true
+            }
+            None => false,
+        },
+        3,
+    );
+}
+
+/// `drain` (one consumer-flag acquisition for many items, stopping at a claimed but
+/// unwritten slot) against the same two producers.
+#[test]
+fn mpsc_drain_two_producers() {
+    two_producers_against(|q, seen| q.drain(|item| seen.push(item.v)) > 0, 2);
 }
 
 /// A producer racing a consumer across a block boundary, then the queue dropped
