@@ -459,7 +459,7 @@ pub struct Batch {
     /// Held for the whole batch, so the epoch pin of each publish's topology lookup
     /// nests inside it (a counter increment) instead of paying the outermost pin's
     /// SeqCst fence once per message.
-    _pin: crossbeam_epoch::Guard,
+    _pin: crate::sync::shim::epoch::Guard,
 }
 
 impl Drop for Batch {
