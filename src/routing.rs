@@ -9,7 +9,7 @@
 //! Copy-on-write is structurally shared where a collection grows with the number of
 //! subscribers: the queue map is an [`imbl::HashMap`], an exchange's bindings are an
 //! [`imbl::Vector`], and a long direct/fanout routing list is one too (a short one is
-//! a plain shared slice, see [`QueueList`]), so a new `Topology` copies O(log n)
+//! a plain shared slice, see `QueueList`), so a new `Topology` copies O(log n)
 //! nodes, not every entry. Each exchange subscription adds a queue and a binding;
 //! with plain maps and vectors 5,000 subscribers cost 5,000 full copies (quadratic
 //! work, and hundreds of KiB of garbage per subscribe waiting for epoch
@@ -18,7 +18,7 @@
 //! change.
 //!
 //! A queue appears here as a [`QueueHandle`]: its settings, its home shard, its inbox
-//! (the lock-free [`MsgQueue`](crate::sync::mpsc::MsgQueue) every router pushes into),
+//! (the lock-free [`MsgQueue`] every router pushes into),
 //! and the counters `GET /queues` reads. The queue's mutable state (ready list,
 //! consumers, unacked messages) lives only on its home shard, in [`crate::queue`].
 

@@ -411,10 +411,7 @@ impl Conn {
     fn flow_hint(&mut self, queue: Option<Arc<QueueHandle>>) {
         if let Some(q) = queue {
             if self.flow.hint(q, Instant::now()) {
-                self.shard
-                    .counters()
-                    .flow_pauses
-                    .fetch_add(1, Ordering::Relaxed);
+                crate::metrics::bump(&self.shard.counters().flow_pauses, 1);
             }
         }
     }
@@ -1244,7 +1241,7 @@ impl Conn {
                             home,
                             dseq: delivery.dseq,
                         }));
-                        shard.counters().delivered.fetch_add(1, Ordering::Relaxed);
+                        crate::metrics::bump(&shard.counters().delivered, 1);
                     }
                     AckMode::Auto => {
                         let end = self.written_total + self.wbuf.len() as u64;

@@ -1,7 +1,7 @@
 //! Tiny single-threaded wake-up helpers for tasks on one shard.
 //!
 //! A [`Signal`] lets a shard's handlers tell a task (a connection, the local inbox)
-//! that it has work; a [`Oneshot`] carries one answer back to a task that waits for
+//! that it has work; a [`oneshot`] pair carries one answer back to a task that waits for
 //! it (a purge count, a confirm). Both live on one executor thread, so `Cell` is
 //! enough: no atomics, no locks.
 
