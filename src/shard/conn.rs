@@ -18,7 +18,6 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -489,10 +488,7 @@ impl Conn {
             );
         }
         if delivered > 0 {
-            self.shard
-                .counters()
-                .delivered
-                .fetch_add(delivered, Ordering::Relaxed);
+            crate::metrics::bump(&self.shard.counters().delivered, delivered);
         }
     }
 
