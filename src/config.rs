@@ -10,6 +10,10 @@ use clap::Parser;
 
 /// Default cap on a message's payload (the contract's 1 MiB).
 pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+/// Largest `--max-payload` accepted (1 GiB). A message's text is kept as 32-bit
+/// offsets into the frame it came in (see `message::MessageText`), so frames must
+/// stay far below 4 GiB; a payload of more than a gigabyte is no message anyway.
+pub const MAX_PAYLOAD_LIMIT: usize = 1 << 30;
 /// Default cap on concurrent connections per process.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default memory high-water mark for message bodies held in queues (1 GiB).
@@ -39,8 +43,9 @@ pub struct Config {
     #[arg(long, env = "PUBSUB_CHECKPOINT_MS")]
     pub checkpoint_ms: Option<u64>,
 
-    /// Largest accepted message payload, in bytes.
-    #[arg(long, env = "PUBSUB_MAX_PAYLOAD", default_value_t = DEFAULT_MAX_PAYLOAD)]
+    /// Largest accepted message payload, in bytes (at most 1 GiB).
+    #[arg(long, env = "PUBSUB_MAX_PAYLOAD", default_value_t = DEFAULT_MAX_PAYLOAD,
+          value_parser = parse_max_payload)]
     pub max_payload: usize,
 
     /// Largest HTTP request head, in bytes (431 past it).
@@ -103,4 +108,18 @@ impl Config {
             .map(|n| n.get())
             .unwrap_or(1)
     }
+}
+
+/// `--max-payload`: a byte count from 1 to [`MAX_PAYLOAD_LIMIT`].
+fn parse_max_payload(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count"))?;
+    if n == 0 || n > MAX_PAYLOAD_LIMIT {
+        return Err(format!(
+            "must be from 1 to {MAX_PAYLOAD_LIMIT} bytes (1 GiB)"
+        ));
+    }
+    Ok(n)
 }

@@ -104,3 +104,15 @@ fn newer_schema_version_is_refused() {
     assert!(!text.contains("panicked"), "it panicked: {text}");
     let _ = std::fs::remove_dir_all(d);
 }
+
+#[test]
+fn a_max_payload_past_the_limit_is_refused_at_start() {
+    for bad in ["0", "1073741825", "99999999999", "lots"] {
+        let (code, text) = run_expecting_exit(&["--max-payload", bad], Duration::from_secs(10));
+        assert_eq!(code, 2, "--max-payload {bad}: {text}");
+        assert!(
+            text.contains("--max-payload"),
+            "--max-payload {bad}: {text}"
+        );
+    }
+}
