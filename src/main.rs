@@ -39,6 +39,10 @@ fn serve() -> anyhow::Result<()> {
         .with_target(false)
         .init();
 
+    // Before anything else: another server on this port would take us into its
+    // SO_REUSEPORT group and split connections with us.
+    ensure_port_free(config.listen)?;
+
     // Block the stop signals in every thread; one thread below waits for them.
     let signals = block_stop_signals();
 
@@ -76,6 +80,21 @@ fn serve() -> anyhow::Result<()> {
     }
     tracing::info!(shards, listen = %shared.config.listen, "pubsub starting");
     shard::run(shared, store, restored).context("server stopped")?;
+    Ok(())
+}
+
+/// Refuses to start when something already listens on `addr`. The shards bind with
+/// `SO_REUSEPORT`, which a second pubsub run by the same user would share: the kernel
+/// would then hand each process part of the connections (a queue declared on one,
+/// its binding sent to the other). A plain bind, as this probe makes, fails instead
+/// while anyone listens there. Port 0 (each shard its own ephemeral port) is left be.
+fn ensure_port_free(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("cannot listen on {addr} (is another server running there?)"))?;
+    drop(probe);
     Ok(())
 }
 

@@ -116,3 +116,61 @@ fn a_max_payload_past_the_limit_is_refused_at_start() {
         );
     }
 }
+
+/// Whether something accepts connections on `port`.
+fn listening(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+#[test]
+fn a_second_server_on_a_taken_port_refuses_to_start() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let (d1, d2) = (temp_dir("port-a"), temp_dir("port-b"));
+    let mut first = Command::new(bin())
+        .args(["--listen", &addr, "--data-dir", d1.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !listening(port) {
+        assert!(Instant::now() < deadline, "the first server never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Without the check the second one would join the first one's SO_REUSEPORT group.
+    let second = Command::new(bin())
+        .args(["--listen", &addr, "--data-dir", d2.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut second = second;
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = first.kill();
+            panic!("a second server started on a port the first one serves");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = second.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(text.contains(&addr) && text.contains("in use"), "{text}");
+    // The first one still serves.
+    assert!(listening(port));
+    assert!(first.try_wait().unwrap().is_none(), "the first server died");
+    let _ = first.kill();
+    let _ = first.wait();
+    let _ = std::fs::remove_dir_all(d1);
+    let _ = std::fs::remove_dir_all(d2);
+}
