@@ -86,17 +86,41 @@ fn serve() -> anyhow::Result<()> {
 /// Refuses to start when something already listens on `addr`. The shards bind with
 /// `SO_REUSEPORT`, which a second pubsub run by the same user would share: the kernel
 /// would then hand each process part of the connections (a queue declared on one,
-/// its binding sent to the other). A plain bind, as this probe makes, fails instead
-/// while anyone listens there. Port 0 (each shard its own ephemeral port) is left be.
+/// its binding sent to the other). The check is a connection attempt, not a bind: a
+/// bind would also trip over the previous run's connections still closing after a
+/// crash or restart. A listener of a process just killed can still answer for a few
+/// milliseconds (its io_uring is torn down after the process is gone), so a listener
+/// must still be there after [`PORT_PROBE_GRACE`] to count. Port 0 (each shard its
+/// own ephemeral port) is left be.
 fn ensure_port_free(addr: std::net::SocketAddr) -> anyhow::Result<()> {
     if addr.port() == 0 {
         return Ok(());
     }
-    let probe = std::net::TcpListener::bind(addr)
-        .with_context(|| format!("cannot listen on {addr} (is another server running there?)"))?;
-    drop(probe);
+    let mut target = addr;
+    if target.ip().is_unspecified() {
+        let local: std::net::IpAddr = if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        };
+        target.set_ip(local);
+    }
+    let deadline = Instant::now() + PORT_PROBE_GRACE;
+    while std::net::TcpStream::connect_timeout(&target, PORT_PROBE_TIMEOUT).is_ok() {
+        if Instant::now() >= deadline {
+            anyhow::bail!("cannot listen on {addr}: another server is already listening there");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     Ok(())
 }
+
+/// How long the start-up check waits for one connection to `--listen` (loopback or a
+/// local address: an answer comes at once if anyone listens).
+const PORT_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a listener found on `--listen` may take to go away before the server
+/// refuses to start.
+const PORT_PROBE_GRACE: Duration = Duration::from_secs(2);
 
 fn block_stop_signals() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it before any other use.

@@ -165,7 +165,10 @@ fn a_second_server_on_a_taken_port_refuses_to_start() {
     let out = second.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(status.code(), Some(1), "{text}");
-    assert!(text.contains(&addr) && text.contains("in use"), "{text}");
+    assert!(
+        text.contains(&addr) && text.contains("already listening"),
+        "{text}"
+    );
     // The first one still serves.
     assert!(listening(port));
     assert!(first.try_wait().unwrap().is_none(), "the first server died");
