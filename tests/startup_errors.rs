@@ -131,26 +131,31 @@ fn a_second_server_on_a_taken_port_refuses_to_start() {
         .port();
     let addr = format!("127.0.0.1:{port}");
     let (d1, d2) = (temp_dir("port-a"), temp_dir("port-b"));
-    let mut first = Command::new(bin())
-        .args(["--listen", &addr, "--data-dir", d1.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // Each on its own data directory, so only the port is shared.
+    let serve = |dir: &std::path::Path| {
+        Command::new(bin())
+            .args([
+                "--listen",
+                &addr,
+                "--log",
+                "warn",
+                "--data-dir",
+                dir.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = serve(&d1);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !listening(port) {
         assert!(Instant::now() < deadline, "the first server never listened");
         std::thread::sleep(Duration::from_millis(20));
     }
     // Without the check the second one would join the first one's SO_REUSEPORT group.
-    let second = Command::new(bin())
-        .args(["--listen", &addr, "--data-dir", d2.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut second = serve(&d2);
     let deadline = Instant::now() + Duration::from_secs(20);
-    let mut second = second;
     let status = loop {
         if let Some(status) = second.try_wait().unwrap() {
             break status;
