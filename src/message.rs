@@ -191,13 +191,7 @@ impl MessageText {
             span_in(buf, key),
             span_in(buf, body),
         ) {
-            return MessageText {
-                buf: buf.clone(),
-                exchange_json: Span::of(exchange_json),
-                key_json: Span::of(key_json),
-                key: Span::of(key),
-                body: Span::of(body),
-            };
+            return MessageText::from_ranges(buf.clone(), exchange_json, key_json, key, body);
         }
         let key_json = key_json.unwrap_or_default();
         let mut out =
@@ -211,13 +205,7 @@ impl MessageText {
         let key_json = put(key_json);
         let key = put(key);
         let body = put(body);
-        MessageText {
-            buf: out.freeze(),
-            exchange_json: Span::of(exchange_json),
-            key_json: Span::of(key_json),
-            key: Span::of(key),
-            body: Span::of(body),
-        }
+        MessageText::from_ranges(out.freeze(), exchange_json, key_json, key, body)
     }
 
     /// The text of a message whose pieces are already known as ranges of `buf` (a
