@@ -194,15 +194,6 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", get(s));
             }
         }
-        // One figure for the whole broker: the shard that publishes a message adds
-        // its bytes and the queue's home shard takes them off, so a shard's own gauge
-        // means nothing alone (and goes negative on a delivering shard).
-        let _ = writeln!(
-            out,
-            "# HELP pubsub_queue_memory_bytes Bytes of messages held in queues.\n\
-             # TYPE pubsub_queue_memory_bytes gauge\npubsub_queue_memory_bytes {}",
-            self.memory().max(0)
-        );
         let p = &self.persist;
         let persist: [(&str, &str, &str, u64); 7] = [
             (
@@ -261,7 +252,16 @@ impl Metrics {
             };
             let _ = writeln!(out, "{name} {value}");
         }
-        for (name, help, v) in extra {
+        // Queue memory is one figure for the whole broker: the shard that publishes a
+        // message adds its bytes and the queue's home shard takes them off, so a
+        // shard's own gauge means nothing alone (and goes negative on a delivering
+        // shard). It is written like the caller's unlabeled gauges.
+        let memory = (
+            "pubsub_queue_memory_bytes",
+            "Bytes of messages held in queues.",
+            self.memory().max(0) as f64,
+        );
+        for (name, help, v) in std::iter::once(&memory).chain(extra) {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
         out
