@@ -263,11 +263,6 @@ impl QueueState {
         }
     }
 
-    /// Releases `n` ready slots in the shared depth counter.
-    fn release_depth(&self, n: usize) {
-        self.handle.take_ready(n);
-    }
-
     /// Puts a restored message back (recovery): no persistence record, keeps its seq.
     pub fn restore(&mut self, msg: Arc<Message>, seq: u64, redelivered: bool, now: u64) {
         // The queue's TTL runs from when the message entered it, not from the restart.
@@ -325,7 +320,7 @@ impl QueueState {
         {
             while self.ready.len() as u64 > max {
                 if let Some(e) = self.ready.pop_front() {
-                    self.release_depth(1);
+                    self.handle.take_ready(1);
                     self.discard(e, true, fx);
                 }
             }
@@ -357,7 +352,7 @@ impl QueueState {
             match front.expires_at {
                 Some(t) if t <= now => {
                     if let Some(e) = self.ready.pop_front() {
-                        self.release_depth(1);
+                        self.handle.take_ready(1);
                         self.discard(e, true, fx);
                     }
                 }
@@ -412,7 +407,7 @@ impl QueueState {
             fx.deliveries.push((c.id, Delivery { dseq, entry: e }));
             self.rr = (idx + 1) % n;
         }
-        self.release_depth(taken);
+        self.handle.take_ready(taken);
         self.publish_counts();
     }
 
@@ -579,7 +574,7 @@ impl QueueState {
         for e in drained {
             self.discard(e, false, fx);
         }
-        self.release_depth(n);
+        self.handle.take_ready(n);
         n
     }
 

@@ -107,11 +107,12 @@ pub struct QueueHandle {
     /// instead of taking it back from the home shard on every message; the ready
     /// count is `routed - drained` ([`QueueHandle::depth`]).
     routed: CachePadded<AtomicU64>,
-    /// What the home shard writes and routers and `GET /queues` read, on its own line.
+    /// What the home shard writes and routers and `GET /queues` read ([`HomeCounts`]).
     pub counts: CachePadded<HomeCounts>,
 }
 
-/// A queue's counters written by its home shard only.
+/// A queue's counters written by its home shard, on one line apart from what routers
+/// write; `deleted` too, which whichever shard deletes the queue sets once.
 #[derive(Debug, Default)]
 pub struct HomeCounts {
     /// Ready messages ever taken off the queue (delivered, expired, dropped, purged):
