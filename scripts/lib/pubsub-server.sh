@@ -6,8 +6,14 @@
 # True when something accepts connections on 127.0.0.1:$1.
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# A port nothing listens on, from the range below the kernel's ephemeral ports.
 free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+  local p
+  for _ in $(seq 1 100); do
+    p=$((20000 + RANDOM % 12000))
+    if ! listening "$p"; then echo "$p"; return 0; fi
+  done
+  echo "no free port found" >&2; return 1
 }
 
 SERVER_PID=""
