@@ -68,6 +68,10 @@ pub struct Config {
     #[arg(long, env = "PUBSUB_SPIN_US", default_value_t = 0)]
     pub spin_us: u64,
 
+    /// Pin each shard's executor to one CPU of those the process may use.
+    #[arg(long, env = "PUBSUB_PIN_SHARDS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pin_shards: bool,
+
     /// Move a WebSocket connection to its queue's home shard when its first
     /// subscription is to a queue homed elsewhere (deliveries then never cross shards).
     #[arg(long, env = "PUBSUB_MIGRATE_SUBSCRIBERS", default_value_t = true, action = clap::ArgAction::Set)]

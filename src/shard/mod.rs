@@ -1790,8 +1790,8 @@ pub fn run(
     for (i, (w, queues)) in wiring.into_iter().zip(per_shard).enumerate() {
         let shared = shared.clone();
         let placement = match cpus.get(i % cpus.len().max(1)) {
-            Some(cpu) => Placement::Fixed(*cpu),
-            None => Placement::Unbound,
+            Some(cpu) if shared.config.pin_shards => Placement::Fixed(*cpu),
+            _ => Placement::Unbound,
         };
         let mut builder = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{i}"))
