@@ -152,6 +152,30 @@ pub struct Handoff {
     last_rx: u64,
 }
 
+/// Reads what `fd` holds, up to `max` (> 0) bytes, into `buf`'s spare capacity
+/// (made room for here) without initialising it first: a non-blocking `recv` whose
+/// bytes extend `buf`. `Ok(0)` is the end of the stream; `WouldBlock` when nothing is
+/// there yet.
+fn recv_into_spare(fd: std::os::fd::RawFd, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+    debug_assert!(
+        max > 0,
+        "a zero-byte read would read as the end of the stream"
+    );
+    buf.reserve(max);
+    let spare = buf.spare_capacity_mut();
+    let want = spare.len().min(max);
+    // SAFETY: `spare` is memory `buf` owns past its length, at least `want` bytes long;
+    // `recv` writes at most `want` bytes there through the raw pointer and nothing
+    // reads that memory before `set_len` below covers exactly what was written.
+    let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), want, libc::MSG_DONTWAIT) };
+    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+    let n = n.min(want);
+    // SAFETY: `recv` initialised the first `n` (≤ `want` ≤ spare capacity) bytes
+    // after `buf`'s length.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
 /// Takes over a connection handed off by another shard.
 pub async fn adopt(shard: Rc<Shard>, h: Handoff) {
     // SAFETY: `into_raw_fd` hands us sole ownership of an open socket descriptor (the
@@ -361,28 +385,33 @@ impl Conn {
                     Poll::Pending => {}
                 }
             } else if reading {
-                // A partial frame or request is buffered: read on after it.
-                let len = rbuf.len();
-                rbuf.resize(len + chunk, 0);
-                let r = match rbuf.get_mut(len..) {
-                    Some(spare) => Pin::new(&mut *stream).poll_read(cx, spare),
-                    None => Poll::Ready(Ok(0)),
-                };
-                match r {
-                    Poll::Ready(Ok(0)) => {
-                        rbuf.truncate(len);
-                        return Poll::Ready(Ok(Wake::Eof));
-                    }
-                    Poll::Ready(Ok(n)) => {
-                        rbuf.truncate(len + n);
+                // A partial frame or request is buffered: read on after it, into the
+                // buffer's spare room as it is (no zero-filling a chunk per read).
+                match recv_into_spare(stream.as_raw_fd(), rbuf, chunk) {
+                    Ok(0) => return Poll::Ready(Ok(Wake::Eof)),
+                    Ok(n) => {
                         read_n = n;
                         return Poll::Ready(Ok(Wake::Read));
                     }
-                    Poll::Ready(Err(e)) => {
-                        rbuf.truncate(len);
-                        return Poll::Ready(Err(e));
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // Nothing yet: glommio's read arms the readiness poll that wakes
+                        // us. Its one-byte buffer also takes a byte that arrived since.
+                        let mut probe = [0u8; 1];
+                        match Pin::new(&mut *stream).poll_read(cx, &mut probe) {
+                            Poll::Ready(Ok(0)) => return Poll::Ready(Ok(Wake::Eof)),
+                            Poll::Ready(Ok(n)) => {
+                                rbuf.extend_from_slice(probe.get(..n).unwrap_or(&[]));
+                                read_n = n;
+                                return Poll::Ready(Ok(Wake::Read));
+                            }
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                            Poll::Pending => {}
+                        }
                     }
-                    Poll::Pending => rbuf.truncate(len),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                        cx.waker().wake_by_ref();
+                    }
+                    Err(e) => return Poll::Ready(Err(e)),
                 }
             }
             Poll::Pending
@@ -1369,4 +1398,41 @@ fn error_body(code: &str, message: &str) -> Vec<u8> {
     http::json::write_escaped_str(&mut out, message);
     out.extend_from_slice(b"}}");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn recv_into_spare_appends_what_arrived_and_says_when_nothing_did() {
+        let (mut tx, rx) = UnixStream::pair().unwrap();
+        let fd = rx.as_raw_fd();
+        let mut buf = BytesMut::from(&b"head:"[..]);
+        let e = recv_into_spare(fd, &mut buf, 64).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(&buf[..], b"head:");
+
+        tx.write_all(b"0123456789").unwrap();
+        // At most `max` bytes, appended after what the buffer held.
+        assert_eq!(recv_into_spare(fd, &mut buf, 4).unwrap(), 4);
+        assert_eq!(&buf[..], b"head:0123");
+        assert_eq!(recv_into_spare(fd, &mut buf, 64).unwrap(), 6);
+        assert_eq!(&buf[..], b"head:0123456789");
+
+        // An empty buffer gets room made for it.
+        let mut fresh = BytesMut::new();
+        tx.write_all(b"x").unwrap();
+        assert_eq!(recv_into_spare(fd, &mut fresh, 64).unwrap(), 1);
+        assert_eq!(&fresh[..], b"x");
+
+        drop(tx);
+        assert_eq!(
+            recv_into_spare(fd, &mut buf, 64).unwrap(),
+            0,
+            "end of stream"
+        );
+    }
 }
