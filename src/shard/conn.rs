@@ -152,6 +152,23 @@ pub struct Handoff {
     last_rx: u64,
 }
 
+/// The outcome of a glommio read into `tmp` (the shard's scratch, or a one-byte
+/// probe), its bytes appended to `rbuf`; `None` while nothing has arrived.
+fn appended(
+    r: Poll<io::Result<usize>>,
+    tmp: &[u8],
+    rbuf: &mut BytesMut,
+) -> Option<io::Result<usize>> {
+    match r {
+        Poll::Pending => None,
+        Poll::Ready(Ok(n)) => {
+            rbuf.extend_from_slice(tmp.get(..n).unwrap_or(&[]));
+            Some(Ok(n))
+        }
+        Poll::Ready(Err(e)) => Some(Err(e)),
+    }
+}
+
 /// Reads what `fd` holds, up to `max` (> 0) bytes, into `buf`'s spare capacity
 /// (made room for here) without initialising it first: a non-blocking `recv` whose
 /// bytes extend `buf`. `Ok(0)` is the end of the stream; `WouldBlock` when nothing is
@@ -366,7 +383,7 @@ impl Conn {
                     return Poll::Ready(Ok(Wake::Flow));
                 }
             }
-            if reading && rbuf.is_empty() {
+            let got = if reading && rbuf.is_empty() {
                 // Nothing buffered: read into the shard's scratch and keep only the bytes
                 // that arrived (no buffer held while idle, no zero-filling per poll).
                 let mut scratch = shard.read_scratch(chunk);
@@ -374,45 +391,36 @@ impl Conn {
                     Some(spare) => Pin::new(&mut *stream).poll_read(cx, spare),
                     None => Poll::Ready(Ok(0)),
                 };
-                match r {
-                    Poll::Ready(Ok(0)) => return Poll::Ready(Ok(Wake::Eof)),
-                    Poll::Ready(Ok(n)) => {
-                        rbuf.extend_from_slice(scratch.get(..n).unwrap_or(&[]));
-                        read_n = n;
-                        return Poll::Ready(Ok(Wake::Read));
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => {}
-                }
+                appended(r, &scratch, rbuf)
             } else if reading {
                 // A partial frame or request is buffered: read on after it, into the
                 // buffer's spare room as it is (no zero-filling a chunk per read).
                 match recv_into_spare(stream.as_raw_fd(), rbuf, chunk) {
-                    Ok(0) => return Poll::Ready(Ok(Wake::Eof)),
-                    Ok(n) => {
-                        read_n = n;
-                        return Poll::Ready(Ok(Wake::Read));
-                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         // Nothing yet: glommio's read arms the readiness poll that wakes
                         // us. Its one-byte buffer also takes a byte that arrived since.
                         let mut probe = [0u8; 1];
-                        match Pin::new(&mut *stream).poll_read(cx, &mut probe) {
-                            Poll::Ready(Ok(0)) => return Poll::Ready(Ok(Wake::Eof)),
-                            Poll::Ready(Ok(n)) => {
-                                rbuf.extend_from_slice(probe.get(..n).unwrap_or(&[]));
-                                read_n = n;
-                                return Poll::Ready(Ok(Wake::Read));
-                            }
-                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                            Poll::Pending => {}
-                        }
+                        let r = Pin::new(&mut *stream).poll_read(cx, &mut probe);
+                        appended(r, &probe, rbuf)
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {
                         cx.waker().wake_by_ref();
+                        None
                     }
-                    Err(e) => return Poll::Ready(Err(e)),
+                    done => Some(done),
                 }
+            } else {
+                None
+            };
+            if let Some(done) = got {
+                return Poll::Ready(done.map(|n| {
+                    read_n = n;
+                    if n == 0 {
+                        Wake::Eof
+                    } else {
+                        Wake::Read
+                    }
+                }));
             }
             Poll::Pending
         })
