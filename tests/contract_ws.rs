@@ -664,3 +664,49 @@ fn slow_consumer_backs_up_in_its_queue() {
     }
     s.wait_queue_counts("q", 0, 0);
 }
+
+/// A masked client text frame with a zero mask key (so the payload is sent as is).
+fn zero_masked_text(payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x81];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&[0, 0, 0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+#[test]
+fn frames_arriving_a_few_bytes_at_a_time_are_read_whole() {
+    use std::io::Write;
+    let s = Server::start();
+    s.topology("ex", "direct", "q", "k");
+    let mut sub = s.ws();
+    sub.subscribe("q");
+    let mut publisher = s.ws();
+    // Two publishes back to back, the second one's first bytes in the same write as
+    // the end of the first: the server holds a partial frame between reads each time.
+    let mut wire = Vec::new();
+    for i in 0..2 {
+        let frame = json!({"type": "PUBLISH", "payload": {
+            "exchange_name": "ex", "key": "k", "payload": {"n": i, "pad": "p".repeat(150)}
+        }})
+        .to_string();
+        wire.extend(zero_masked_text(frame.as_bytes()));
+    }
+    let stream = publisher.ws.get_mut();
+    for piece in wire.chunks(7) {
+        stream.write_all(piece).unwrap();
+        stream.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for i in 0..2 {
+        let m = sub.expect_message();
+        assert_eq!(m["body"]["n"], i);
+        assert_eq!(m["body"]["pad"], "p".repeat(150));
+    }
+}
