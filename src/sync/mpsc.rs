@@ -240,19 +240,23 @@ impl<T> MsgQueue<T> {
     /// Takes the oldest ready item. `None` when empty, or when the oldest claimed
     /// slot is still being written by its producer (who will wake the consumer).
     pub fn pop(&self) -> Option<T> {
-        // Fast path, loads only: when no position past `head` is claimed the queue
-        // is empty, and an idle consumer polling it pays no read-modify-write. For
-        // the single consumer `head.index` is its own exact value; `tail.index`
-        // only grows, so equality means nothing was claimed when it was read. (With
-        // several poppers this may miss an item pushed meanwhile, like any racing
-        // pop.) Acquire pairs with the claim CAS / installer store. The park
-        // protocol relies on `is_empty`, not on this check.
-        let head = self.head.index.load(Ordering::Acquire);
-        if self.tail.index.load(Ordering::Acquire) == head {
+        if self.nothing_claimed() {
             return None;
         }
         let _held = self.lock_consumer();
         self.pop_held()
+    }
+
+    /// The fast path of `pop` and `drain`, loads only: when no position past `head`
+    /// is claimed the queue is empty, and an idle consumer polling it pays no
+    /// read-modify-write. For the single consumer `head.index` is its own exact
+    /// value; `tail.index` only grows, so equality means nothing was claimed when it
+    /// was read. (With several poppers this may miss an item pushed meanwhile, like
+    /// any racing pop.) Acquire pairs with the claim CAS / installer store. The park
+    /// protocol relies on `is_empty`, not on this check.
+    fn nothing_claimed(&self) -> bool {
+        let head = self.head.index.load(Ordering::Acquire);
+        self.tail.index.load(Ordering::Acquire) == head
     }
 
     /// Takes every item that is ready, oldest first, handing each to `f`; returns
@@ -264,9 +268,7 @@ impl<T> MsgQueue<T> {
     /// is handed over, so a panicking `f` cannot make an item be taken twice. `f`
     /// must not pop this queue (the flag is held while it runs).
     pub fn drain(&self, mut f: impl FnMut(T)) -> usize {
-        // The same empty fast path as `pop`: loads only.
-        let head = self.head.index.load(Ordering::Acquire);
-        if self.tail.index.load(Ordering::Acquire) == head {
+        if self.nothing_claimed() {
             return 0;
         }
         let _held = self.lock_consumer();
