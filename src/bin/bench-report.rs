@@ -143,6 +143,14 @@ fn median(values: &[f64]) -> Option<f64> {
     }
 }
 
+/// `a / b` when both are known and `b` is positive.
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
 /// `1234567.8` with 0 decimals → `1,234,568`; `None` → `n/a`.
 fn thousands(v: Option<f64>, decimals: usize) -> String {
     let Some(v) = v.filter(|x| x.is_finite()) else {
@@ -317,15 +325,18 @@ fn scenario_table(o: &mut String, sc: &str, cells: &CellList<'_>) {
             let Some((_, _, q)) = summaries.iter().find(|(s, _, _)| *s == peer) else {
                 continue;
             };
-            if let (Some(a), Some(b)) = (p.rate, q.rate.filter(|b| *b > 0.0)) {
-                parts.push(format!("msgs/s pubsub/{peer} = {:.2}", a / b));
-            }
-            if let (Some(a), Some(b)) = (p.p99, q.p99.filter(|b| *b > 0.0)) {
-                parts.push(format!("p99 pubsub/{peer} = {:.2}", a / b));
-            }
-            if sc == "latency" {
-                if let (Some(a), Some(b)) = (p.p999, q.p999.filter(|b| *b > 0.0)) {
-                    parts.push(format!("p99.9 pubsub/{peer} = {:.2}", a / b));
+            let p999 = if sc == "latency" {
+                ratio(p.p999, q.p999)
+            } else {
+                None
+            };
+            for (label, r) in [
+                ("msgs/s", ratio(p.rate, q.rate)),
+                ("p99", ratio(p.p99, q.p99)),
+                ("p99.9", p999),
+            ] {
+                if let Some(r) = r {
+                    parts.push(format!("{label} pubsub/{peer} = {r:.2}"));
                 }
             }
         }
@@ -458,17 +469,12 @@ fn goals_table(o: &mut String, cells: &Cells<'_>) {
             .map(|p| metric(&cell_runs(cells, g.scenario, p, None), g.metric));
         let (value, per_run) = match &theirs {
             Some(theirs) => {
-                let value = match (median(&mine), median(theirs)) {
-                    (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-                    _ => None,
-                };
                 let pairs = mine
                     .iter()
                     .zip(theirs)
-                    .filter(|(_, b)| **b > 0.0)
-                    .map(|(a, b)| a / b)
+                    .filter_map(|(a, b)| ratio(Some(*a), Some(*b)))
                     .collect::<Vec<_>>();
-                (value, pairs)
+                (ratio(median(&mine), median(theirs)), pairs)
             }
             None => (median(&mine), mine.clone()),
         };
