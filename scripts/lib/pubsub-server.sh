@@ -1,7 +1,30 @@
 # shellcheck shell=bash
-# Starting and stopping a throw-away pubsub for the bench scripts (sourced by
-# scripts/bench-peers and scripts/bench-ab): a free port, a temp data directory,
-# --log warn, and a stop that always runs (callers install `trap stop_pubsub EXIT`).
+# Shared by the bench scripts (sourced by scripts/bench-peers and scripts/bench-ab):
+# the load generator's knobs for the rate scenarios, and starting and stopping a
+# throw-away pubsub: a free port, a temp data directory, --log warn, and a stop that
+# always runs (callers install `trap stop_pubsub EXIT`).
+
+# The arguments of a rate scenario for pubsub-bench or peers-bench: $1 label
+# (throughput, http, fanout, latency, manual_ack), $2 messages, $3 duration of the
+# fixed-rate run. Prints "<scenario> <knobs...>", or nothing for another label.
+rate_args() {
+  case "$1" in
+    throughput) echo "throughput --messages $2" ;;
+    http) echo "throughput --messages $2 --transport http" ;;
+    fanout) echo "fanout --messages $2" ;;
+    latency) echo "latency --rate 5000 --duration $3" ;;
+    manual_ack) echo "throughput --messages $2 --ack manual --prefetch 100 --ack-every 50" ;;
+  esac
+}
+
+# The unmeasured warm-up run that a fresh pubsub gets before a measured one of
+# `rate_args $1 $2 ...`: a quarter of the messages (an eighth over HTTP), or one
+# second at the fixed rate.
+warmup_args() {
+  local n=$(($2 / 4))
+  if [ "$1" = http ]; then n=$((n / 2)); fi
+  rate_args "$1" "$n" 1s
+}
 
 # True when something accepts connections on 127.0.0.1:$1.
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
