@@ -665,24 +665,11 @@ fn slow_consumer_backs_up_in_its_queue() {
     s.wait_queue_counts("q", 0, 0);
 }
 
-/// A masked client text frame with a zero mask key (so the payload is sent as is).
-fn zero_masked_text(payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x81];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&[0, 0, 0, 0]);
-    f.extend_from_slice(payload);
-    f
-}
-
 #[test]
 fn frames_arriving_a_few_bytes_at_a_time_are_read_whole() {
     use std::io::Write;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tungstenite::protocol::frame::Frame;
     let s = Server::start();
     s.topology("ex", "direct", "q", "k");
     let mut sub = s.ws();
@@ -696,7 +683,10 @@ fn frames_arriving_a_few_bytes_at_a_time_are_read_whole() {
             "exchange_name": "ex", "key": "k", "payload": {"n": i, "pad": "p".repeat(150)}
         }})
         .to_string();
-        wire.extend(zero_masked_text(frame.as_bytes()));
+        // A client frame, masked as clients must, encoded by tungstenite.
+        let mut f = Frame::message(frame, OpCode::Data(Data::Text), true);
+        f.header_mut().mask = Some([0x37, 0xfa, 0x21, 0x3d]);
+        f.format(&mut wire).unwrap();
     }
     let stream = publisher.ws.get_mut();
     for piece in wire.chunks(7) {
