@@ -2,6 +2,8 @@
 //! store cannot be used: an unwritable data directory, an unreachable database, a
 //! schema newer than it knows.
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -124,11 +126,7 @@ fn listening(port: u16) -> bool {
 
 #[test]
 fn a_second_server_on_a_taken_port_refuses_to_start() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let addr = format!("127.0.0.1:{port}");
     let (d1, d2) = (temp_dir("port-a"), temp_dir("port-b"));
     // Each on its own data directory, so only the port is shared.
@@ -148,11 +146,11 @@ fn a_second_server_on_a_taken_port_refuses_to_start() {
             .unwrap()
     };
     let mut first = serve(&d1);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !listening(port) {
-        assert!(Instant::now() < deadline, "the first server never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_until(
+        "the first server to listen",
+        Duration::from_secs(20),
+        || listening(port),
+    );
     // Without the check the second one would join the first one's SO_REUSEPORT group.
     let mut second = serve(&d2);
     let deadline = Instant::now() + Duration::from_secs(20);
