@@ -3,11 +3,13 @@
 //! SQLite runs in a fresh directory under `std::env::temp_dir()`. PostgreSQL runs against
 //! `127.0.0.1:5432`, database `test`, trust auth (role `postgres`, else `root`; override with
 //! `PUBSUB_TEST_PG_URL`), each test in a schema of its own that is dropped afterwards. Only
-//! when nothing listens on 5432 do the PostgreSQL tests print `SKIP: ...` and return.
+//! when nothing listens on 5432 do the PostgreSQL tests print `SKIP: ...` and return (and
+//! never on CI, which sets `PUBSUB_TEST_REQUIRE_PG`: see `common::pg_admin_url`).
 //! The same scenarios run on both backends: restart round trip, cascading deletes, atomic
 //! batches, idempotent replay, schema version refusal, and a printed throughput figure.
 
-use std::net::{SocketAddr, TcpStream};
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -55,29 +57,6 @@ impl Drop for TempDir {
 
 // ---------------------------------------------------------------- PostgreSQL plumbing
 
-const PG_ADDR: &str = "127.0.0.1:5432";
-
-/// The admin URL, or `None` (after printing SKIP) when nothing listens on 5432.
-fn pg_base_url() -> Option<String> {
-    let addr: SocketAddr = PG_ADDR.parse().unwrap();
-    if TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err() {
-        eprintln!("SKIP: no PostgreSQL on {PG_ADDR}");
-        return None;
-    }
-    if let Ok(url) = std::env::var("PUBSUB_TEST_PG_URL") {
-        return Some(url);
-    }
-    let mut errors = Vec::new();
-    for user in ["postgres", "root"] {
-        let url = format!("postgres://{user}@{PG_ADDR}/test");
-        match postgres::Client::connect(&url, postgres::NoTls) {
-            Ok(_) => return Some(url),
-            Err(e) => errors.push(format!("{user}: {e:?}")),
-        }
-    }
-    panic!("PostgreSQL listens on {PG_ADDR} but no role can connect to database test: {errors:?}");
-}
-
 /// A schema of its own for one test, dropped on drop.
 struct PgSchema {
     admin_url: String,
@@ -86,7 +65,7 @@ struct PgSchema {
 
 impl PgSchema {
     fn new(tag: &str) -> Option<PgSchema> {
-        let admin_url = pg_base_url()?;
+        let admin_url = common::pg_admin_url()?;
         Some(PgSchema {
             admin_url,
             schema: format!("pubsub_t_{}", unique(tag)),

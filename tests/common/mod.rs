@@ -1001,36 +1001,38 @@ pub struct PgSchema {
     pub schema: String,
 }
 
-impl PgSchema {
-    /// A fresh schema name for `tag`, or `None` after printing
-    /// `SKIP: no PostgreSQL on 127.0.0.1:5432` when nothing listens there. Panics when
-    /// something listens but no role (`postgres`, then `root`) can connect.
-    pub fn new(tag: &str) -> Option<PgSchema> {
-        let addr: SocketAddr = PG_ADDR.parse().unwrap();
-        if TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err() {
-            eprintln!("SKIP: no PostgreSQL on {PG_ADDR}");
-            return None;
+/// The URL of database `test` on [`PG_ADDR`] (`PUBSUB_TEST_PG_URL` overrides it), or
+/// `None` after printing `SKIP: no PostgreSQL on 127.0.0.1:5432` when nothing listens
+/// there. Panics instead when `PUBSUB_TEST_REQUIRE_PG` is set (`.ci/run` sets it: on
+/// CI's machine a missing database is a failure, not a skip), and when something
+/// listens but no role (`postgres`, then `root`) can connect.
+pub fn pg_admin_url() -> Option<String> {
+    let addr: SocketAddr = PG_ADDR.parse().unwrap();
+    if TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err() {
+        if std::env::var_os("PUBSUB_TEST_REQUIRE_PG").is_some() {
+            panic!("PUBSUB_TEST_REQUIRE_PG is set but nothing listens on {PG_ADDR}");
         }
-        let admin_url = match std::env::var("PUBSUB_TEST_PG_URL") {
-            Ok(url) => url,
-            Err(_) => {
-                let mut errors = Vec::new();
-                let mut found = None;
-                for user in ["postgres", "root"] {
-                    let url = format!("postgres://{user}@{PG_ADDR}/test");
-                    match postgres::Client::connect(&url, postgres::NoTls) {
-                        Ok(_) => {
-                            found = Some(url);
-                            break;
-                        }
-                        Err(e) => errors.push(format!("{user}: {e:?}")),
-                    }
-                }
-                found.unwrap_or_else(|| {
-                    panic!("PostgreSQL listens on {PG_ADDR} but no role can connect to database test: {errors:?}")
-                })
-            }
-        };
+        eprintln!("SKIP: no PostgreSQL on {PG_ADDR}");
+        return None;
+    }
+    if let Ok(url) = std::env::var("PUBSUB_TEST_PG_URL") {
+        return Some(url);
+    }
+    let mut errors = Vec::new();
+    for user in ["postgres", "root"] {
+        let url = format!("postgres://{user}@{PG_ADDR}/test");
+        match postgres::Client::connect(&url, postgres::NoTls) {
+            Ok(_) => return Some(url),
+            Err(e) => errors.push(format!("{user}: {e:?}")),
+        }
+    }
+    panic!("PostgreSQL listens on {PG_ADDR} but no role can connect to database test: {errors:?}");
+}
+
+impl PgSchema {
+    /// A fresh schema name for `tag`, or `None` when [`pg_admin_url`] skips.
+    pub fn new(tag: &str) -> Option<PgSchema> {
+        let admin_url = pg_admin_url()?;
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
