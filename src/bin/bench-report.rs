@@ -6,8 +6,9 @@
 //!   runs, min–max of the headline rate, the latency percentiles' medians, messages
 //!   lost), the ratios of pubsub to each peer, and "Goals of issue 5": each goal the
 //!   issue sets, the ratio of the medians, the same ratio run by run (run k of pubsub
-//!   against run k of the peer, which `bench-peers` runs back to back) and a verdict
-//!   that says by how much a missed goal falls short.
+//!   against run k of the peer, which `bench-peers` runs back to back and numbers in the
+//!   `"run"` field of each line) and a verdict that says by how much a missed goal
+//!   falls short.
 //! - `bench-report ab FILE.jsonl`: the medians of the runs labelled `--variant old` and
 //!   `--variant new`, and new/old (msgs/s, or p50 and p99 for `latency`).
 //!
@@ -213,6 +214,28 @@ fn cells(runs: &[Run]) -> Cells<'_> {
 
 fn metric(rs: &[&Run], key: &str) -> Vec<f64> {
     rs.iter().filter_map(|r| r.num(key)).collect()
+}
+
+/// Ratio of pubsub's run k to the peer's run k of `key`. `bench-peers` writes each run's
+/// number into its line (`"run"`), so a run that failed on one side leaves its pair out
+/// instead of shifting every later pair; lines without numbers (older files) pair by
+/// position.
+fn run_by_run(mine: &[&Run], theirs: &[&Run], key: &str) -> Vec<f64> {
+    let numbered = mine.iter().chain(theirs).all(|r| r.num("run").is_some());
+    if !numbered {
+        return mine
+            .iter()
+            .zip(theirs)
+            .filter_map(|(a, b)| ratio(a.num(key), b.num(key)))
+            .collect();
+    }
+    mine.iter()
+        .filter_map(|a| {
+            let k = a.num("run");
+            let b = theirs.iter().find(|b| b.num("run") == k)?;
+            ratio(a.num(key), b.num(key))
+        })
+        .collect()
 }
 
 fn peers_report(runs: &[Run], n: usize, load_start: &str, load_end: &str) -> String {
@@ -460,21 +483,16 @@ fn goals_table(o: &mut String, cells: &Cells<'_>) {
     );
     for g in &GOALS {
         let asks = format!("{} {}{}", g.relation.sign(), g.factor, g.unit);
-        let mine = metric(
-            &cell_runs(cells, g.scenario, "pubsub", Some(g.variant)),
-            g.metric,
-        );
-        let theirs = g
-            .peer
-            .map(|p| metric(&cell_runs(cells, g.scenario, p, None), g.metric));
-        let (value, per_run) = match &theirs {
-            Some(theirs) => {
-                let pairs = mine
-                    .iter()
-                    .zip(theirs)
-                    .filter_map(|(a, b)| ratio(Some(*a), Some(*b)))
-                    .collect::<Vec<_>>();
-                (ratio(median(&mine), median(theirs)), pairs)
+        let my_runs = cell_runs(cells, g.scenario, "pubsub", Some(g.variant));
+        let mine = metric(&my_runs, g.metric);
+        let (value, per_run) = match g.peer {
+            Some(p) => {
+                let their_runs = cell_runs(cells, g.scenario, p, None);
+                let theirs = metric(&their_runs, g.metric);
+                (
+                    ratio(median(&mine), median(&theirs)),
+                    run_by_run(&my_runs, &their_runs, g.metric),
+                )
             }
             None => (median(&mine), mine.clone()),
         };
@@ -705,6 +723,46 @@ mod tests {
         assert!(out.contains("latency p50 µs: new/old = 1.00"), "{out}");
     }
 
+    #[test]
+    fn run_by_run_pairs_by_run_number_when_a_run_failed() {
+        let text = [
+            line("pubsub", "throughput", "ws", 900.0, 10.0, r#","run":1"#),
+            line(
+                "nats",
+                "throughput",
+                "core-raw",
+                1000.0,
+                10.0,
+                r#","run":1"#,
+            ),
+            r#"{"run":2,"system":"pubsub","scenario":"throughput","error":"exit 1: refused"}"#
+                .to_owned(),
+            line(
+                "nats",
+                "throughput",
+                "core-raw",
+                2000.0,
+                10.0,
+                r#","run":2"#,
+            ),
+            line("pubsub", "throughput", "ws", 1300.0, 10.0, r#","run":3"#),
+            line(
+                "nats",
+                "throughput",
+                "core-raw",
+                1000.0,
+                10.0,
+                r#","run":3"#,
+            ),
+        ]
+        .join("\n");
+        let out = peers_report(&parse_runs(&text).unwrap(), 3, "a", "b");
+        // Pubsub's runs 1 and 3 against NATS's 1 and 3, not its 1 and 2.
+        assert!(
+            out.contains("| throughput: msgs/s at least NATS's | ≥ 1× | 1.10× | 0.90 1.30 | met (held in 1 of 2 runs) |"),
+            "{out}"
+        );
+    }
     #[test]
     fn a_line_that_is_not_an_object_is_an_error_with_its_number() {
         assert_eq!(
