@@ -25,6 +25,8 @@ mod fanin;
 mod payload;
 #[path = "../../../src/bin/pubsub-bench/plan.rs"]
 mod plan;
+#[path = "../../../src/bin/pubsub-bench/readbuf.rs"]
+mod readbuf;
 #[path = "../../../src/bin/pubsub-bench/report.rs"]
 mod report;
 
@@ -45,9 +47,9 @@ use amiquip::{
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
 
-use fanin::Proto;
 use payload::{find, now_ns, stamp_of, write_payload};
 use plan::{pace, Plan, HARD_RUN_LIMIT};
+use readbuf::ReadBuf;
 use report::{Percentiles, Record};
 
 /// Exit status when a scenario does not apply to a system (NATS has no acks or durability).
@@ -526,16 +528,14 @@ fn nats_raw_run_sub(a: &Args, subject: &str, ready: &Gate, stop: &Stop) -> Resul
         ..SubOut::default()
     };
     let mut parser = NatsSub::default();
-    let mut chunk = vec![0u8; 256 * 1024];
     let mut reply = Vec::new();
     let mut next = 0u64;
     while !stop.reached(out.received, out.last_ns) {
-        match s.read(&mut chunk) {
+        match parser.rb.read_from(&mut s) {
             Ok(0) => break,
-            Ok(n) => {
+            Ok(_) => {
                 let now = now_ns();
-                let data = chunk.get(..n).unwrap_or(&[]);
-                parser.feed(data, &mut reply, &mut |t, seq| {
+                parser.parse(&mut reply, &mut |t, seq| {
                     out.received += 1;
                     out.last_ns = now;
                     out.lat_ns.push(now.saturating_sub(t));
@@ -560,18 +560,27 @@ fn nats_raw_run_sub(a: &Args, subject: &str, ready: &Gate, stop: &Stop) -> Resul
     Ok(out)
 }
 
-/// One idle NATS subscriber in the shared poller: parses `MSG` and answers `PING`.
+/// A NATS subscriber's parser: parses `MSG` and answers `PING`, where the socket read
+/// put the bytes (`ReadBuf`, as pubsub-bench's WebSocket reader does).
 #[derive(Debug, Default)]
 struct NatsSub {
-    buf: Vec<u8>,
+    rb: ReadBuf,
 }
 
 impl fanin::Proto for NatsSub {
+    /// One idle subscriber in the shared poller, which reads for it.
     fn feed(&mut self, data: &[u8], out: &mut Vec<u8>, on_msg: &mut dyn FnMut(u64, u64)) {
-        self.buf.extend_from_slice(data);
+        self.rb.extend(data);
+        self.parse(out, on_msg);
+    }
+}
+
+impl NatsSub {
+    /// Parses every complete line and message received so far.
+    fn parse(&mut self, out: &mut Vec<u8>, on_msg: &mut dyn FnMut(u64, u64)) {
         let mut pos = 0;
         loop {
-            let rest = self.buf.get(pos..).unwrap_or(&[]);
+            let rest = self.rb.data().get(pos..).unwrap_or(&[]);
             let Some(eol) = payload::find_crlf(rest) else {
                 break;
             };
@@ -599,7 +608,7 @@ impl fanin::Proto for NatsSub {
                 pos += eol + 2;
             }
         }
-        self.buf.drain(..pos.min(self.buf.len()));
+        self.rb.consume(pos);
     }
 }
 

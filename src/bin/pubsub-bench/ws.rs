@@ -16,6 +16,7 @@ use memchr::memmem::Finder;
 
 use super::fanin::Proto;
 use super::payload::{find, stamp_of};
+use super::readbuf::ReadBuf;
 
 /// Largest HTTP response head accepted during the upgrade.
 const MAX_HANDSHAKE: usize = 16 * 1024;
@@ -153,11 +154,11 @@ pub enum ReadState {
     Closed,
 }
 
-/// Incremental reader of unmasked server frames.
+/// Incremental reader of unmasked server frames, parsing them where the socket read
+/// put them ([`ReadBuf`]).
 #[derive(Debug, Default)]
 pub struct Reader {
-    buf: Vec<u8>,
-    pos: usize,
+    rb: ReadBuf,
     frag: Vec<u8>,
     pongs: Vec<Vec<u8>>,
 }
@@ -165,19 +166,19 @@ pub struct Reader {
 impl Reader {
     /// Starts with bytes left over from the handshake.
     pub fn with(leftover: Vec<u8>) -> Self {
-        Reader {
-            buf: leftover,
-            ..Reader::default()
-        }
+        let mut r = Reader::default();
+        r.extend(&leftover);
+        r
     }
 
-    /// Appends bytes read from the socket.
+    /// Appends bytes received elsewhere.
     pub fn extend(&mut self, data: &[u8]) {
-        if self.pos > 0 && self.pos == self.buf.len() {
-            self.buf.clear();
-            self.pos = 0;
-        }
-        self.buf.extend_from_slice(data);
+        self.rb.extend(data);
+    }
+
+    /// One `read` from `s` straight into the buffer; what `read` returned.
+    pub fn read_from(&mut self, s: &mut impl Read) -> io::Result<usize> {
+        self.rb.read_from(s)
     }
 
     /// Ping payloads that are owed a pong (taken by the caller).
@@ -189,7 +190,7 @@ impl Reader {
     /// kept for the next call) when it returns `false`.
     pub fn drain(&mut self, mut on_text: impl FnMut(&[u8]) -> bool) -> io::Result<ReadState> {
         loop {
-            let avail = self.buf.get(self.pos..).unwrap_or(&[]);
+            let avail = self.rb.data();
             let (Some(&b0), Some(&b1)) = (avail.first(), avail.get(1)) else {
                 break;
             };
@@ -228,15 +229,14 @@ impl Reader {
             if avail.len() < hdr + len {
                 break;
             }
-            let start = self.pos + hdr;
-            self.pos = start + len;
-            if let (Some(m), Some(body)) = (mask, self.buf.get_mut(start..start + len)) {
+            if let (Some(m), Some(body)) = (mask, self.rb.data_mut().get_mut(hdr..hdr + len)) {
                 mask_in_place(body, m);
             }
-            let body = self.buf.get(start..start + len).unwrap_or(&[]);
+            let body = self.rb.data().get(hdr..hdr + len).unwrap_or(&[]);
+            let mut go_on = true;
+            let mut closed = false;
             match op {
-                OP_TEXT if fin && !on_text(body) => return Ok(ReadState::Open),
-                OP_TEXT if fin => {}
+                OP_TEXT if fin => go_on = on_text(body),
                 OP_TEXT => {
                     self.frag.clear();
                     self.frag.extend_from_slice(body);
@@ -245,22 +245,20 @@ impl Reader {
                     self.frag.extend_from_slice(body);
                     if fin {
                         let whole = std::mem::take(&mut self.frag);
-                        if !on_text(&whole) {
-                            return Ok(ReadState::Open);
-                        }
+                        go_on = on_text(&whole);
                     }
                 }
                 OP_PING => self.pongs.push(body.to_vec()),
-                OP_CLOSE => return Ok(ReadState::Closed),
+                OP_CLOSE => closed = true,
                 _ => {}
             }
-        }
-        if self.pos == self.buf.len() {
-            self.buf.clear();
-            self.pos = 0;
-        } else if self.pos > 1 << 20 {
-            self.buf.drain(..self.pos);
-            self.pos = 0;
+            self.rb.consume(hdr + len);
+            if closed {
+                return Ok(ReadState::Closed);
+            }
+            if !go_on {
+                break;
+            }
         }
         Ok(ReadState::Open)
     }
@@ -316,7 +314,6 @@ pub fn send_text(s: &mut TcpStream, enc: &mut Encoder, text: &[u8]) -> io::Resul
 
 /// Reads until one text frame arrives and returns it (for request/answer steps).
 pub fn recv_text(s: &mut TcpStream, r: &mut Reader) -> io::Result<Vec<u8>> {
-    let mut chunk = vec![0u8; 16 * 1024];
     loop {
         let mut got = None;
         if r.drain(|f| {
@@ -332,14 +329,12 @@ pub fn recv_text(s: &mut TcpStream, r: &mut Reader) -> io::Result<Vec<u8>> {
         if let Some(f) = got {
             return Ok(f);
         }
-        let n = s.read(&mut chunk)?;
-        if n == 0 {
+        if r.read_from(s)? == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "server closed",
             ));
         }
-        r.extend(chunk.get(..n).unwrap_or(&[]));
     }
 }
 
