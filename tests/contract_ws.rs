@@ -487,6 +487,28 @@ fn ws_publish_confirm_and_fire_and_forget() {
     assert_eq!(c["routed"], 0);
     sub.expect_silence(QUIET);
 
+    // Without a ref, the CONFIRM has none; with one, it echoes it as sent. The whole
+    // frame, byte for byte.
+    p.send_json(
+        "PUBLISH",
+        json!({"exchange_name":"ex","key":"k","payload":5,"confirm":true}),
+    );
+    let (text, c) = p.expect_type_text("CONFIRM");
+    let id = c["id"].as_str().unwrap();
+    assert_eq!(
+        text,
+        format!(r#"{{"type":"CONFIRM","id":"{id}","routed":1}}"#)
+    );
+    assert_eq!(sub.expect_message()["body"], 5);
+    p.send_text(r#"{"type":"PUBLISH","payload":{"exchange_name":"ex","key":"k","payload":6,"confirm":true,"ref":"r-\"6\""}}"#);
+    let (text, c) = p.expect_type_text("CONFIRM");
+    let id = c["id"].as_str().unwrap();
+    assert_eq!(
+        text,
+        format!(r#"{{"type":"CONFIRM","ref":"r-\"6\"","id":"{id}","routed":1}}"#)
+    );
+    assert_eq!(sub.expect_message()["body"], 6);
+
     // A failing publish answers ERROR with the ref, even without confirm.
     p.send_json(
         "PUBLISH",

@@ -1304,16 +1304,34 @@ impl Conn {
                 ok,
             } => {
                 if ok {
-                    let mut out = Vec::with_capacity(96);
-                    out.extend_from_slice(br#"{"type":"CONFIRM""#);
+                    // Written straight into the write buffer, as `MESSAGE` frames are:
+                    // no allocation per confirm.
+                    const OPEN: &[u8] = br#"{"type":"CONFIRM""#;
+                    const REF: &[u8] = br#","ref":"#;
+                    const ID: &[u8] = br#","id":""#;
+                    const ROUTED: &[u8] = br#"","routed":"#;
+                    let mut routed_buf = itoa::Buffer::new();
+                    let routed = routed_buf.format(routed).as_bytes();
+                    let id = id.as_bytes();
+                    let len = OPEN.len()
+                        + reference.as_ref().map_or(0, |r| REF.len() + r.len())
+                        + ID.len()
+                        + id.len()
+                        + ROUTED.len()
+                        + routed.len()
+                        + 1;
+                    self.wbuf.reserve(10 + len);
+                    ws::write_text_header(&mut self.wbuf, len);
+                    self.wbuf.extend_from_slice(OPEN);
                     if let Some(r) = &reference {
-                        out.extend_from_slice(br#","ref":"#);
-                        out.extend_from_slice(r);
+                        self.wbuf.extend_from_slice(REF);
+                        self.wbuf.extend_from_slice(r);
                     }
-                    out.extend_from_slice(br#","id":""#);
-                    out.extend_from_slice(id.as_bytes());
-                    out.extend_from_slice(format!(r#"","routed":{routed}}}"#).as_bytes());
-                    ws::write_text(&mut self.wbuf, &out);
+                    self.wbuf.extend_from_slice(ID);
+                    self.wbuf.extend_from_slice(id);
+                    self.wbuf.extend_from_slice(ROUTED);
+                    self.wbuf.extend_from_slice(routed);
+                    self.wbuf.extend_from_slice(b"}");
                 } else {
                     self.ws_error(
                         reference.as_deref(),
