@@ -313,6 +313,13 @@ impl Conn {
 
     async fn run(&mut self) -> io::Result<()> {
         loop {
+            // A socket that always has more bytes makes `wait` ready at once, so this
+            // loop would never hand the executor back: the shard's other connections,
+            // its accept loop and its timers would stop (`tests/shard_fairness.rs`).
+            // Flow control paces publishers only into consumed queues. The shard's
+            // preemption timer ([`super::PREEMPT_SLICE`]) bounds how long one
+            // connection keeps the shard.
+            glommio::yield_if_needed().await;
             match self.proto {
                 // Boxed: request handling awaits topology commits and confirms, and
                 // those futures would otherwise sit inline in every connection's task,
