@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::shard::pinning::PinMode;
+
 /// Default cap on a message's payload (the contract's 1 MiB).
 pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 /// Largest `--max-payload` accepted (1 GiB). A message's text is kept as 32-bit
@@ -68,9 +70,11 @@ pub struct Config {
     #[arg(long, env = "PUBSUB_SPIN_US", default_value_t = 0)]
     pub spin_us: u64,
 
-    /// Pin each shard's executor to one CPU of those the process may use.
-    #[arg(long, env = "PUBSUB_PIN_SHARDS", default_value_t = true, action = clap::ArgAction::Set)]
-    pub pin_shards: bool,
+    /// Where shards run: `true` pins each shard's executor to one CPU of those the
+    /// process may use, `false` lets the kernel run it on any, `adaptive` pins a shard
+    /// only while it is busy (see `shard::pinning`).
+    #[arg(long, env = "PUBSUB_PIN_SHARDS", default_value_t = PinMode::Always)]
+    pub pin_shards: PinMode,
 
     /// Move a WebSocket connection to its queue's home shard when its first
     /// subscription is to a queue homed elsewhere (deliveries then never cross shards).

@@ -1,8 +1,14 @@
 //! Where the shards' executors may run: pinned one CPU each by default (`--shards N`
 //! takes the CPUs the process may use in order), or free to run on any of them with
-//! `--pin-shards false`. Read off the running server's threads in `/proc`.
+//! `--pin-shards false`, or pinned only while busy with `--pin-shards adaptive`. Read off
+//! the running server's threads in `/proc`.
 
 mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
 
 use common::Server;
 
@@ -80,6 +86,68 @@ fn unpinned_shards_may_run_on_every_allowed_cpu() {
     // And it serves: a publish reaches its queue.
     server.topology("e", "direct", "q", "k");
     server.publish("e", "k", &serde_json::json!("hello"));
+    server.wait_queue_counts("q", 1, 0);
+}
+
+#[test]
+fn adaptive_shards_pin_themselves_while_busy_and_let_go_when_idle() {
+    let cpus = our_cpus();
+    assert!(
+        cpus.len() >= 2,
+        "this test tells a pinned shard from a free one, which needs 2 CPUs; has {cpus:?}"
+    );
+    let server = Server::with_args(&["--shards", "2", "--pin-shards", "adaptive"]);
+    let pid = server.pid().unwrap();
+    let free = |threads: &[(usize, Vec<usize>)]| threads.iter().all(|(_, a)| *a == cpus);
+    let threads = shard_threads(pid);
+    assert!(
+        threads.len() >= 2 && free(&threads),
+        "idle shards start free: {threads:?}"
+    );
+
+    // Load: two connections publish pipelined batches to a key nothing is bound to, so
+    // each publish is decoded and routed (CPU) and nothing piles up (no memory).
+    server.exchange("e", "direct");
+    let stop = Arc::new(AtomicBool::new(false));
+    let publishers: Vec<_> = (0..2)
+        .map(|_| {
+            let mut p = server.ws();
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let frame = r#"{"type":"PUBLISH","payload":{"exchange_name":"e","key":"nowhere","payload":{"n":1}}}"#;
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..1000 {
+                        p.ws.write(tungstenite::Message::text(frame)).unwrap();
+                    }
+                    p.ws.flush().unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut seen = None;
+    common::wait_until(
+        "a busy shard pinned to its CPU",
+        Duration::from_secs(30),
+        || {
+            seen = shard_threads(pid)
+                .into_iter()
+                .find(|(i, a)| *a == vec![cpus[i % cpus.len()]]);
+            if seen.is_none() {
+                thread::sleep(Duration::from_millis(5));
+            }
+            seen.is_some()
+        },
+    );
+    stop.store(true, Ordering::Relaxed);
+    for p in publishers {
+        p.join().unwrap();
+    }
+    // Idle again: every shard lets go.
+    common::wait_until("idle shards free again", Duration::from_secs(10), || {
+        free(&shard_threads(pid))
+    });
+    server.topology("e2", "direct", "q", "k");
+    server.publish("e2", "k", &serde_json::json!("still serving"));
     server.wait_queue_counts("q", 1, 0);
 }
 

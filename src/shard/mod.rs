@@ -1,7 +1,7 @@
 //! The per-core executors and what they share.
 //!
-//! [`run`] starts one glommio `LocalExecutor` per shard, each pinned to its CPU and
-//! running the same accept loop on the same port (SO_REUSEPORT). A connection stays
+//! [`run`] starts one glommio `LocalExecutor` per shard, each on its own CPU ([`pinning`])
+//! and running the same accept loop on the same port (SO_REUSEPORT). A connection stays
 //! on the shard that accepted it; a queue lives on its home shard
 //! ([`crate::routing::placement`] of its name). Shards talk over one SPSC ring per
 //! ordered pair ([`crate::sync::spsc`]) with a doorbell ([`bell`], a socket pair) rung
@@ -18,6 +18,7 @@
 pub mod bell;
 pub mod conn;
 pub mod flow;
+pub mod pinning;
 pub mod signal;
 
 use std::cell::{Cell, RefCell};
@@ -27,7 +28,7 @@ use foldhash::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use self::bell::{BellRx, BellRxStd, BellTx};
 use bytes::Bytes;
@@ -45,6 +46,7 @@ use crate::sync::notify::Notify;
 use crate::sync::snapshot::{pin, Snapshot};
 use crate::sync::spsc;
 
+use self::pinning::PinMode;
 use self::signal::{oneshot, OneshotTx, Signal};
 
 /// Slots in each shard-to-shard ring.
@@ -1698,25 +1700,6 @@ struct Wiring {
     persist: Option<SendEnd<PersistMsg>>,
 }
 
-/// The CPUs this process may run on.
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: `cpu_set_t` is plain data for which all-zero bytes is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: pid 0 is this thread; the pointer and size describe `set` exactly.
-    let rc =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    if rc != 0 {
-        return (0..std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1))
-            .collect();
-    }
-    (0..libc::CPU_SETSIZE as usize)
-        // SAFETY: `i` is below CPU_SETSIZE, the capacity of `set`.
-        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
-        .collect()
-}
-
 /// Starts the persistence core and every shard, and blocks until the shards stop.
 /// `restored` holds the durable queues' messages read back at start; they are put
 /// back into their queues here, before any executor runs, so that no listener opens
@@ -1791,12 +1774,13 @@ pub fn run(
             v.push(state);
         }
     }
-    let cpus = allowed_cpus();
+    let cpus = pinning::allowed_cpus();
     let mut handles = Vec::new();
     for (i, (w, queues)) in wiring.into_iter().zip(per_shard).enumerate() {
         let shared = shared.clone();
+        // `adaptive` starts free; `tick_task` pins the shard while it is busy.
         let placement = match cpus.get(i % cpus.len().max(1)) {
-            Some(cpu) if shared.config.pin_shards => Placement::Fixed(*cpu),
+            Some(cpu) if shared.config.pin_shards == PinMode::Always => Placement::Fixed(*cpu),
             _ => Placement::Unbound,
         };
         let mut builder = LocalExecutorBuilder::new(placement)
@@ -1936,9 +1920,13 @@ async fn tick_task(shard: Rc<Shard>) {
         .saturating_mul(1000)
         .max(1000);
     let mut last_idle_check = now_ms();
+    let mut placement = AdaptivePlacement::new(&shard);
     loop {
         glommio::timer::sleep(EXPIRY_TICK).await;
         shard.expire_tick();
+        if let Some(p) = placement.as_mut() {
+            p.tick(shard.id);
+        }
         let now = now_ms();
         if now.saturating_sub(last_idle_check) >= 1000 {
             last_idle_check = now;
@@ -2034,4 +2022,51 @@ pub fn rebuild(rec: crate::persist::Recovered, shards: usize) -> (Topology, Vec<
         restored.push(RestoredQueue { handle, messages });
     }
     (topo, restored)
+}
+
+/// `--pin-shards adaptive` on one shard: samples how busy its executor was since the
+/// last tick and pins it to its CPU, or frees it, as [`pinning::Adaptive`] says.
+struct AdaptivePlacement {
+    rule: pinning::Adaptive,
+    /// This shard's CPU.
+    own: Vec<usize>,
+    /// Every CPU the process may use (where a free shard may run).
+    all: Vec<usize>,
+    since: Instant,
+}
+
+impl AdaptivePlacement {
+    /// `None` unless the shard's placement is adaptive. Call on the shard's thread
+    /// before it was ever pinned (it reads the CPUs this thread may use).
+    fn new(shard: &Shard) -> Option<Self> {
+        if shard.shared.config.pin_shards != PinMode::Adaptive {
+            return None;
+        }
+        let all = pinning::allowed_cpus();
+        let own = all.get(shard.id % all.len().max(1)).copied()?;
+        // Start a fresh window: the executor's counters hold its start-up.
+        let _ = glommio::executor().executor_stats();
+        Some(AdaptivePlacement {
+            rule: pinning::Adaptive::default(),
+            own: vec![own],
+            all,
+            since: Instant::now(),
+        })
+    }
+
+    fn tick(&mut self, shard: usize) {
+        let window = self.since.elapsed();
+        self.since = Instant::now();
+        // Taking the stats resets them: each call covers one window.
+        let busy = glommio::executor().executor_stats().total_runtime();
+        let busy = busy.as_secs_f64() / window.as_secs_f64().max(1e-6);
+        let Some(pin) = self.rule.sample(busy) else {
+            return;
+        };
+        let cpus = if pin { &self.own } else { &self.all };
+        match pinning::set_affinity(cpus) {
+            Ok(()) => tracing::debug!(shard, pinned = pin, busy, "shard placement"),
+            Err(e) => tracing::warn!(shard, error = %e, "cannot change the shard's CPUs"),
+        }
+    }
 }
