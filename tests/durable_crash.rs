@@ -21,7 +21,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Backend, PgSchema, Server};
+use common::{Backend, PgSchema};
 use serde_json::{json, Value};
 use tungstenite::Message;
 
@@ -161,35 +161,6 @@ fn ws_publisher(addr: SocketAddr, p: usize) -> Tally {
     t
 }
 
-/// Drains `queue` with an auto-ack subscription until it reports empty and stays quiet.
-fn drain(s: &Server, queue: &str) -> Vec<Value> {
-    let mut ws = s.ws();
-    ws.subscribe_with(json!({"queue_name": queue, "prefetch": 1000}));
-    let mut got = Vec::new();
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "queue {queue} not drained within {DRAIN_TIMEOUT:?}: got {}, now {}",
-            got.len(),
-            s.queue_info(queue)
-        );
-        match ws.recv_json_timeout(Duration::from_millis(300)) {
-            Some(v) => {
-                assert_eq!(v["type"], "MESSAGE", "unexpected frame while draining: {v}");
-                got.push(v);
-            }
-            None => {
-                let info = s.queue_info(queue);
-                if info["messages_ready"] == 0 && info["messages_unacked"] == 0 {
-                    break;
-                }
-            }
-        }
-    }
-    got
-}
-
 fn crash_scenario(b: &Backend) {
     let mut s = b.start(&[]);
     let r = s.post(
@@ -247,7 +218,7 @@ fn crash_scenario(b: &Backend) {
     );
     for q in QUEUES {
         let restored = s.queue_info(q)["messages_ready"].as_u64().unwrap();
-        let got = drain(&s, q);
+        let got = s.drain(q, DRAIN_TIMEOUT);
         let mut seen: HashMap<String, (u64, u64)> = HashMap::new();
         let mut last_i: BTreeMap<u64, u64> = BTreeMap::new();
         let mut duplicates = 0;

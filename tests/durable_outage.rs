@@ -24,7 +24,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{PgSchema, Server};
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// Confirmed messages published before the outage, and again after it.
 const BEFORE: usize = 30;
@@ -195,36 +195,6 @@ fn publish_confirm(s: &Server, payload: &str) -> Result<String, (u16, String)> {
     Err((r.status, code))
 }
 
-/// Drains `queue` with an auto-ack subscription until it reports empty and stays quiet.
-fn drain_payloads(s: &Server, queue: &str) -> Vec<String> {
-    let mut ws = s.ws();
-    ws.subscribe_with(json!({"queue_name": queue, "prefetch": 1000}));
-    let mut got = Vec::new();
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "queue {queue} not drained within {DRAIN_TIMEOUT:?}: got {}, now {}",
-            got.len(),
-            s.queue_info(queue)
-        );
-        match ws.recv_json_timeout(Duration::from_millis(300)) {
-            Some(v) => {
-                assert_eq!(v["type"], "MESSAGE", "unexpected frame while draining: {v}");
-                let body: Value = v["body"].clone();
-                got.push(body.as_str().unwrap_or_default().to_string());
-            }
-            None => {
-                let info = s.queue_info(queue);
-                if info["messages_ready"] == 0 && info["messages_unacked"] == 0 {
-                    break;
-                }
-            }
-        }
-    }
-    got
-}
-
 #[test]
 fn postgres_outage_confirms_nothing_it_cannot_store_and_loses_nothing_confirmed() {
     let Some(schema) = PgSchema::new("outage") else {
@@ -323,7 +293,11 @@ fn postgres_outage_confirms_nothing_it_cannot_store_and_loses_nothing_confirmed(
     // A crash right after: what was confirmed must be in PostgreSQL.
     s.kill9();
     s.restart();
-    let got = drain_payloads(&s, "dq");
+    let got: Vec<String> = s
+        .drain("dq", DRAIN_TIMEOUT)
+        .iter()
+        .map(|m| m["body"].as_str().unwrap_or_default().to_string())
+        .collect();
     let mut seen = HashSet::new();
     for p in &got {
         assert!(seen.insert(p.clone()), "{p} came back twice: {got:?}");

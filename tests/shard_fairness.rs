@@ -12,7 +12,6 @@ mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread;
 use std::time::Duration;
 
 use common::Server;
@@ -23,25 +22,11 @@ fn a_flooding_publisher_does_not_starve_its_shard() {
     let server = Server::with_args(&["--shards", "2", "--place-publishers", "false"]);
     server.exchange("e", "direct");
     server.topology("other", "direct", "q", "k");
-    let mut flooder = server.ws_on_shard(0);
+    let flooder = server.ws_on_shard(0);
     let shard = flooder.shard;
     let stop = Arc::new(AtomicBool::new(false));
     let batches = Arc::new(AtomicU64::new(0));
-    let flood = {
-        let (stop, batches) = (stop.clone(), batches.clone());
-        thread::spawn(move || {
-            // Nothing is bound to this key: each publish is decoded and routed, and
-            // nothing piles up.
-            let frame = r#"{"type":"PUBLISH","payload":{"exchange_name":"e","key":"nowhere","payload":{"n":1}}}"#;
-            while !stop.load(Ordering::Relaxed) {
-                for _ in 0..1000 {
-                    flooder.ws.write(tungstenite::Message::text(frame)).unwrap();
-                }
-                flooder.ws.flush().unwrap();
-                batches.fetch_add(1, Ordering::Relaxed);
-            }
-        })
-    };
+    let flood = common::flood_unroutable(flooder, "e", stop.clone(), batches.clone());
     common::wait_until("the flood under way", Duration::from_secs(10), || {
         batches.load(Ordering::Relaxed) >= 20
     });

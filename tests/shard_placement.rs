@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -109,20 +109,9 @@ fn adaptive_shards_pin_themselves_while_busy_and_let_go_when_idle() {
     // each publish is decoded and routed (CPU) and nothing piles up (no memory).
     server.exchange("e", "direct");
     let stop = Arc::new(AtomicBool::new(false));
+    let batches = Arc::new(AtomicU64::new(0));
     let publishers: Vec<_> = (0..2)
-        .map(|_| {
-            let mut p = server.ws();
-            let stop = stop.clone();
-            thread::spawn(move || {
-                let frame = r#"{"type":"PUBLISH","payload":{"exchange_name":"e","key":"nowhere","payload":{"n":1}}}"#;
-                while !stop.load(Ordering::Relaxed) {
-                    for _ in 0..1000 {
-                        p.ws.write(tungstenite::Message::text(frame)).unwrap();
-                    }
-                    p.ws.flush().unwrap();
-                }
-            })
-        })
+        .map(|_| common::flood_unroutable(server.ws(), "e", stop.clone(), batches.clone()))
         .collect();
     let mut seen = None;
     common::wait_until(

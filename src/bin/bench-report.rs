@@ -725,35 +725,24 @@ mod tests {
 
     #[test]
     fn run_by_run_pairs_by_run_number_when_a_run_failed() {
-        let text = [
-            line("pubsub", "throughput", "ws", 900.0, 10.0, r#","run":1"#),
+        let run = |system: &str, variant: &str, rate: f64, k: u32| {
             line(
-                "nats",
+                system,
                 "throughput",
-                "core-raw",
-                1000.0,
+                variant,
+                rate,
                 10.0,
-                r#","run":1"#,
-            ),
+                &format!(r#","run":{k}"#),
+            )
+        };
+        let text = [
+            run("pubsub", "ws", 900.0, 1),
+            run("nats", "core-raw", 1000.0, 1),
             r#"{"run":2,"system":"pubsub","scenario":"throughput","error":"exit 1: refused"}"#
                 .to_owned(),
-            line(
-                "nats",
-                "throughput",
-                "core-raw",
-                2000.0,
-                10.0,
-                r#","run":2"#,
-            ),
-            line("pubsub", "throughput", "ws", 1300.0, 10.0, r#","run":3"#),
-            line(
-                "nats",
-                "throughput",
-                "core-raw",
-                1000.0,
-                10.0,
-                r#","run":3"#,
-            ),
+            run("nats", "core-raw", 2000.0, 2),
+            run("pubsub", "ws", 1300.0, 3),
+            run("nats", "core-raw", 1000.0, 3),
         ]
         .join("\n");
         let out = peers_report(&parse_runs(&text).unwrap(), 3, "a", "b");

@@ -20,8 +20,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -448,6 +448,36 @@ impl Server {
             }
         }
         panic!("no WebSocket connection landed on shard {shard} in 500 attempts");
+    }
+
+    /// Drains `queue` with an auto-ack subscription until the queue reports nothing
+    /// ready or unacked and no frame came for a moment; returns the `MESSAGE` frames.
+    /// Panics after `timeout`.
+    pub fn drain(&self, queue: &str, timeout: Duration) -> Vec<Value> {
+        let mut ws = self.ws();
+        ws.subscribe_with(json!({"queue_name": queue, "prefetch": 1000}));
+        let mut got = Vec::new();
+        let deadline = Instant::now() + timeout;
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "queue {queue} not drained within {timeout:?}: got {}, now {}",
+                got.len(),
+                self.queue_info(queue)
+            );
+            match ws.recv_json_timeout(Duration::from_millis(300)) {
+                Some(v) => {
+                    assert_eq!(v["type"], "MESSAGE", "unexpected frame while draining: {v}");
+                    got.push(v);
+                }
+                None => {
+                    let info = self.queue_info(queue);
+                    if info["messages_ready"] == 0 && info["messages_unacked"] == 0 {
+                        return got;
+                    }
+                }
+            }
+        }
     }
 
     /// Opens raw HTTP connections until one is served by `shard`.
@@ -1113,4 +1143,28 @@ pub fn queue_on(shard: usize, prefix: &str) -> String {
         .map(|i| format!("{prefix}{i}"))
         .find(|n| pubsub::routing::placement(n, 2) == shard)
         .expect("some name lands on each shard")
+}
+
+/// Starts a thread that publishes pipelined batches of 1,000 frames on `p` to
+/// `exchange` with a key nothing is bound to (each publish is decoded and routed,
+/// nothing piles up) until `stop`; counts the batches written in `batches`.
+pub fn flood_unroutable(
+    mut p: Ws,
+    exchange: &str,
+    stop: Arc<AtomicBool>,
+    batches: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<()> {
+    let frame = format!(
+        r#"{{"type":"PUBLISH","payload":{{"exchange_name":{},"key":"nowhere","payload":{{"n":1}}}}}}"#,
+        Value::from(exchange)
+    );
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            for _ in 0..1000 {
+                p.ws.write(Message::text(frame.as_str())).unwrap();
+            }
+            p.ws.flush().unwrap();
+            batches.fetch_add(1, Ordering::Relaxed);
+        }
+    })
 }
