@@ -1779,8 +1779,8 @@ pub fn run(
     for (i, (w, queues)) in wiring.into_iter().zip(per_shard).enumerate() {
         let shared = shared.clone();
         // `adaptive` starts free; `tick_task` pins the shard while it is busy.
-        let placement = match cpus.get(i % cpus.len().max(1)) {
-            Some(cpu) if shared.config.pin_shards == PinMode::Always => Placement::Fixed(*cpu),
+        let placement = match pinning::cpu_for(i, &cpus) {
+            Some(cpu) if shared.config.pin_shards == PinMode::Always => Placement::Fixed(cpu),
             _ => Placement::Unbound,
         };
         let mut builder = LocalExecutorBuilder::new(placement)
@@ -1925,7 +1925,7 @@ async fn tick_task(shard: Rc<Shard>) {
         glommio::timer::sleep(EXPIRY_TICK).await;
         shard.expire_tick();
         if let Some(p) = placement.as_mut() {
-            p.tick(shard.id);
+            p.tick();
         }
         let now = now_ms();
         if now.saturating_sub(last_idle_check) >= 1000 {
@@ -2027,6 +2027,7 @@ pub fn rebuild(rec: crate::persist::Recovered, shards: usize) -> (Topology, Vec<
 /// `--pin-shards adaptive` on one shard: samples how busy its executor was since the
 /// last tick and pins it to its CPU, or frees it, as [`pinning::Adaptive`] says.
 struct AdaptivePlacement {
+    shard: usize,
     rule: pinning::Adaptive,
     /// This shard's CPU.
     own: Vec<usize>,
@@ -2043,10 +2044,11 @@ impl AdaptivePlacement {
             return None;
         }
         let all = pinning::allowed_cpus();
-        let own = all.get(shard.id % all.len().max(1)).copied()?;
+        let own = pinning::cpu_for(shard.id, &all)?;
         // Start a fresh window: the executor's counters hold its start-up.
         let _ = glommio::executor().executor_stats();
         Some(AdaptivePlacement {
+            shard: shard.id,
             rule: pinning::Adaptive::default(),
             own: vec![own],
             all,
@@ -2054,7 +2056,8 @@ impl AdaptivePlacement {
         })
     }
 
-    fn tick(&mut self, shard: usize) {
+    fn tick(&mut self) {
+        let shard = self.shard;
         let window = self.since.elapsed();
         self.since = Instant::now();
         // Taking the stats resets them: each call covers one window.

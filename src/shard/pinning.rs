@@ -113,6 +113,12 @@ pub fn allowed_cpus() -> Vec<usize> {
         .collect()
 }
 
+/// The CPU shard `shard` runs on when pinned: the shard's index into the CPUs the
+/// process may use, wrapping when there are more shards than CPUs.
+pub fn cpu_for(shard: usize, cpus: &[usize]) -> Option<usize> {
+    cpus.get(shard % cpus.len().max(1)).copied()
+}
+
 /// Lets the calling thread run on `cpus` only.
 pub fn set_affinity(cpus: &[usize]) -> std::io::Result<()> {
     // SAFETY: `cpu_set_t` is plain data for which all-zero bytes is the empty set.
