@@ -10,6 +10,8 @@
 
 mod common;
 
+use common::PgSchema;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -57,43 +59,15 @@ impl Drop for TempDir {
 
 // ---------------------------------------------------------------- PostgreSQL plumbing
 
-/// A schema of its own for one test, dropped on drop.
-struct PgSchema {
-    admin_url: String,
-    schema: String,
+/// The store a test opens in its own schema (`common::PgSchema`: created by the
+/// server's migrations, dropped when the test ends).
+trait SchemaBackend {
+    fn backend(&self) -> Backend;
 }
 
-impl PgSchema {
-    fn new(tag: &str) -> Option<PgSchema> {
-        let admin_url = common::pg_admin_url()?;
-        Some(PgSchema {
-            admin_url,
-            schema: format!("pubsub_t_{}", unique(tag)),
-        })
-    }
-    fn url(&self) -> String {
-        format!("{}?schema={}", self.admin_url, self.schema)
-    }
+impl SchemaBackend for PgSchema {
     fn backend(&self) -> Backend {
         Backend::from_config(Path::new("/nonexistent"), Some(&self.url())).unwrap()
-    }
-    /// A plain client with the test's schema on its search path.
-    fn admin(&self) -> postgres::Client {
-        let mut c = postgres::Client::connect(&self.admin_url, postgres::NoTls).unwrap();
-        c.batch_execute(&format!("SET search_path TO \"{}\"", self.schema))
-            .unwrap();
-        c
-    }
-}
-
-impl Drop for PgSchema {
-    fn drop(&mut self) {
-        if let Ok(mut c) = postgres::Client::connect(&self.admin_url, postgres::NoTls) {
-            let _ = c.batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
-                self.schema
-            ));
-        }
     }
 }
 
@@ -761,7 +735,7 @@ fn pg_schemas_isolate() {
     );
     // The tables really live in the test's schema.
     let n: i64 = one
-        .admin()
+        .client()
         .query_one(
             "SELECT count(*) FROM information_schema.tables WHERE table_schema = $1",
             &[&one.schema],
@@ -780,7 +754,7 @@ fn pg_newer_schema_version_is_refused() {
         return;
     };
     drop(open(&s.backend()).unwrap());
-    s.admin()
+    s.client()
         .execute(
             "INSERT INTO schema_version (version, applied_at_ms) VALUES ($1, 0)",
             &[&(SCHEMA_VERSION + 41)],
@@ -823,7 +797,7 @@ fn pg_reconnects_after_connection_loss() {
     store.commit(&topology()).unwrap();
 
     let killed: i64 = s
-        .admin()
+        .client()
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
              WHERE application_name = $1",
