@@ -194,7 +194,11 @@ impl<'a> Cursor<'a> {
 
     /// Skips JSON whitespace.
     fn ws(&mut self) {
-        while let Some(b' ' | b'\n' | b'\r' | b'\t') = self.peek() {
+        // Whitespace is all at or under b' ', so one compare passes the usual token.
+        while let Some(&b) = self.b.get(self.i) {
+            if b > b' ' || !matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
+                break;
+            }
             self.i += 1;
         }
     }
@@ -386,11 +390,9 @@ impl<'a> Cursor<'a> {
 
     /// Skips ASCII digits; how many.
     fn digits(&mut self) -> usize {
-        let start = self.i;
-        while let Some(b'0'..=b'9') = self.peek() {
-            self.i += 1;
-        }
-        self.i - start
+        let n = digit_run(self.b.get(self.i..).unwrap_or_default());
+        self.i += n;
+        n
     }
 }
 
@@ -401,35 +403,54 @@ fn deeper(depth: usize) -> Option<usize> {
 /// Where the plain run of a string's bytes ends: the first `"`, `\` or control
 /// character (which JSON strings may not hold raw) in `s`.
 ///
-/// Most strings in a publish are short (field names, keys, the payload's own keys):
-/// the first [`SHORT_RUN`] bytes are checked eight at a time in a `u64` ([`special`]),
-/// which beats both a byte loop and setting up a vector search. Past that, `memchr2`
-/// finds the quote or backslash and a branch-free minimum (which vectorises) checks
-/// the bytes before it.
+/// Sixteen bytes at a time with SSE2 (every x86_64 has it) while sixteen are left,
+/// then eight at a time in a `u64` ([`special`]), then byte by byte. One 16-byte
+/// compare settles most strings of a publish (field names, keys, the payload's own
+/// keys) and walks long ones at a few instructions per 16 bytes, with no call to set
+/// up a vector search.
 fn run_end(s: &[u8]) -> Option<usize> {
     let mut at = 0;
-    while at < SHORT_RUN {
-        let Some(word) = s.get(at..at + 8) else {
-            // Under a word left: byte by byte.
-            let rest = s.get(at..)?;
-            return rest
-                .iter()
-                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
-                .map(|p| at + p);
-        };
-        let found = special(u64::from_le_bytes(word.try_into().ok()?));
+    #[cfg(target_arch = "x86_64")]
+    while let Some(chunk) = s.get(at..).and_then(<[u8]>::first_chunk::<16>) {
+        let found = special16(chunk);
+        if found != 0 {
+            return Some(at + found.trailing_zeros() as usize);
+        }
+        at += 16;
+    }
+    while let Some(word) = s.get(at..).and_then(<[u8]>::first_chunk::<8>) {
+        let found = special(u64::from_le_bytes(*word));
         if found != 0 {
             return Some(at + (found.trailing_zeros() / 8) as usize);
         }
         at += 8;
     }
-    let tail = s.get(SHORT_RUN..)?;
-    let at = memchr::memchr2(b'"', b'\\', tail)?;
-    let run = tail.get(..at)?;
-    if run.iter().fold(u8::MAX, |low, &b| low.min(b)) < 0x20 {
-        return run.iter().position(|&b| b < 0x20).map(|c| SHORT_RUN + c);
-    }
-    Some(SHORT_RUN + at)
+    let rest = s.get(at..)?;
+    rest.iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        .map(|p| at + p)
+}
+
+/// For sixteen bytes: bit *k* is set exactly when byte *k* is `"`, `\` or under 0x20.
+#[cfg(target_arch = "x86_64")]
+fn special16(chunk: &[u8; 16]) -> u32 {
+    use std::arch::x86_64::{
+        _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
+        _mm_setzero_si128, _mm_subs_epu8,
+    };
+    // SAFETY: SSE2 is part of the x86_64 baseline (every x86_64 CPU has it and rustc's
+    // x86_64 targets enable it), so its intrinsics may run here; `chunk` is 16 readable
+    // bytes, exactly what the unaligned load `_mm_loadu_si128` reads.
+    let mask = unsafe {
+        let v = _mm_loadu_si128(chunk.as_ptr().cast());
+        let quote = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
+        let backslash = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
+        // Unsigned saturating `b - 0x1f` is zero exactly for the bytes 0x00..=0x1f.
+        let control = _mm_cmpeq_epi8(_mm_subs_epu8(v, _mm_set1_epi8(0x1f)), _mm_setzero_si128());
+        _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), control))
+    };
+    // Only the low 16 bits can be set: one per byte.
+    mask as u32
 }
 
 /// For eight bytes read little-endian: the high bit of each byte that is `"`, `\` or
@@ -438,8 +459,6 @@ fn run_end(s: &[u8]) -> Option<usize> {
 /// the "has a zero byte" test: a borrow out of byte *k* starts only at a byte that
 /// matches, and `!w` keeps bytes of 0x80 and up out of the "under 0x20" term.
 fn special(w: u64) -> u64 {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
     let quote = w ^ (ONES * b'"' as u64);
     let backslash = w ^ (ONES * b'\\' as u64);
     let zero_in = |x: u64| x.wrapping_sub(ONES) & !x;
@@ -447,8 +466,38 @@ fn special(w: u64) -> u64 {
     (zero_in(quote) | zero_in(backslash) | control) & HIGH
 }
 
-/// Strings up to this long are checked a word at a time (see [`run_end`]).
-const SHORT_RUN: usize = 16;
+/// How many ASCII digits `s` starts with: eight bytes at a time ([`non_digits`]),
+/// then byte by byte.
+fn digit_run(s: &[u8]) -> usize {
+    let mut at = 0;
+    while let Some(word) = s.get(at..).and_then(<[u8]>::first_chunk::<8>) {
+        let found = non_digits(u64::from_le_bytes(*word));
+        if found != 0 {
+            return at + (found.trailing_zeros() / 8) as usize;
+        }
+        at += 8;
+    }
+    at + s
+        .get(at..)
+        .unwrap_or_default()
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count()
+}
+
+/// For eight bytes read little-endian: the high bit of each byte that is not an
+/// ASCII digit is set, exactly (no carries cross bytes). With `x = b ^ b'0'`, digits
+/// are `x <= 9`; `(x & 0x7f) + 0x76` reaches 0x80 exactly when `x & 0x7f > 9` and
+/// never passes 0xff, and `| x` flags the bytes of 0x80 and up.
+fn non_digits(w: u64) -> u64 {
+    let x = w ^ (ONES * b'0' as u64);
+    (((x & !HIGH) + ONES * 0x76) | x) & HIGH
+}
+
+/// `0x01` in every byte of a `u64`.
+const ONES: u64 = 0x0101_0101_0101_0101;
+/// `0x80` in every byte of a `u64`.
+const HIGH: u64 = 0x8080_8080_8080_8080;
 
 #[cfg(test)]
 mod tests {
@@ -808,6 +857,24 @@ mod tests {
                             assert_eq!(ends(&s, run_end(&s)), naive(&s), "then a quote");
                         }
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn digit_run_counts_leading_digits_like_a_byte_loop() {
+        let naive = |s: &[u8]| s.iter().take_while(|b| b.is_ascii_digit()).count();
+        // Every length to 20 (two words and a tail), every byte value at every place
+        // after a run of digits, and a digit or not after it.
+        for len in 0..20 {
+            let digits: Vec<u8> = (0..len).map(|i| b'0' + (i % 10) as u8).collect();
+            assert_eq!(digit_run(&digits), len, "{len} digits");
+            for at in 0..len {
+                for b in 0..=255u8 {
+                    let mut s = digits.clone();
+                    s[at] = b;
+                    assert_eq!(digit_run(&s), naive(&s), "{len} digits, {b:#x} at {at}");
                 }
             }
         }
