@@ -74,18 +74,25 @@ fn publish_decode(c: &mut Criterion) {
         "x".repeat(92)
     );
     let frame = Utf8Bytes::from(frame);
-    // The same frame with a `headers` field, which the fast path (`command::scan`)
-    // leaves to serde_json (which also checks the headers are strings).
+    // The same frame with `ttl_ms` and `headers`, which the fast path also takes.
     let with_headers = Utf8Bytes::from(frame.as_str().replacen(
         r#""key":"k","#,
-        r#""key":"k","headers":{"h":"v"},"#,
+        r#""key":"k","ttl_ms":60000,"headers":{"trace":"4bf92f35","tenant":"acme"},"#,
+        1,
+    ));
+    // The same frame with a `\u` escape in its key, which the fast path (`command::scan`)
+    // leaves to serde_json.
+    let escaped = Utf8Bytes::from(frame.as_str().replacen(
+        r#""key":"k","#,
+        r#""key":"\u006b","#,
         1,
     ));
     let mut group = c.benchmark_group("command");
     group.throughput(Throughput::Elements(1));
     for (name, frame) in [
         ("decode_publish_frame", &frame),
-        ("decode_publish_frame_serde", &with_headers),
+        ("decode_publish_frame_headers", &with_headers),
+        ("decode_publish_frame_serde", &escaped),
     ] {
         group.bench_function(name, |b| {
             b.iter(|| {

@@ -518,6 +518,39 @@ fn ws_publish_confirm_and_fire_and_forget() {
     assert_eq!(e["ref"], "r4");
 }
 
+/// The publish fields clients add (`ttl_ms`, `headers`, the seed's `Key`), sent over
+/// WebSocket the way client libraries write them: headers come back in the `MESSAGE`
+/// as sent, a per-message TTL expires, `Key` routes when `key` is absent.
+#[test]
+fn ws_publish_with_ttl_headers_and_seed_key() {
+    let s = Server::start();
+    s.topology("ex", "direct", "q", "k");
+    let mut p = s.ws();
+    p.send_text(r#"{"type":"PUBLISH","payload":{"exchange_name":"ex","key":"k","payload":1,"ttl_ms":60000,"headers":{"trace":"a1","n":"\n"}}}"#);
+    p.send_text(
+        r#"{"type":"PUBLISH","payload":{"exchange_name":"ex","key":"k","payload":2,"ttl_ms":100}}"#,
+    );
+    p.send_text(
+        r#"{"type":"PUBLISH","payload":{"exchange_name":"ex","Key":"k","payload":3,"headers":{}}}"#,
+    );
+    p.send_text(r#"{"type":"PUBLISH","payload":{"exchange_name":"ex","payload":4,"headers":{"a":1},"ref":"h"}}"#);
+    let e = p.expect_error();
+    assert_eq!(e["ref"], "h");
+    std::thread::sleep(Duration::from_millis(400));
+    let mut sub = s.ws();
+    sub.subscribe("q");
+    let (text, m) = sub.expect_type_text("MESSAGE");
+    assert_eq!(m["body"], 1);
+    assert!(
+        text.contains(r#","headers":{"trace":"a1","n":"\n"}"#),
+        "headers not as sent: {text}"
+    );
+    let (text, m) = sub.expect_type_text("MESSAGE");
+    assert_eq!(m["body"], 3, "the 100 ms message should have expired");
+    assert!(text.contains(r#","headers":{}"#), "{text}");
+    sub.expect_silence(QUIET);
+}
+
 #[test]
 fn http_publish_routed_zero() {
     let s = Server::start();

@@ -10,12 +10,14 @@
 //! ```
 //!
 //! with `type` first, fields in any order, whitespace anywhere JSON allows it, and only
-//! the fields `exchange_name`, `key`, `payload`, `confirm`, `persistent` and `ref`.
+//! the contract's fields: `exchange_name`, `key` (or the seed's `Key`), `payload`,
+//! `confirm`, `persistent`, `ttl_ms`, `headers` and `ref`.
 //!
 //! It answers `None` whenever it is not sure: an escape in a name, key or field name,
-//! a `\u` escape anywhere, another field (`headers`, `ttl_ms`, `Key`, unknown ones), a
-//! repeated field, a `null`, a wrong type, nesting deeper than [`MAX_DEPTH`], a name the
-//! contract refuses or a payload over the limit. The caller then runs `serde_json`,
+//! a `\u` escape anywhere, another field, a repeated field, a `null`, a wrong type
+//! (`ttl_ms` other than a plain integer that fits in 64 bits, `headers` other than an
+//! object of strings), nesting deeper than [`MAX_DEPTH`], a name the contract refuses
+//! or a payload over the limit. The caller then runs `serde_json`,
 //! which either accepts the frame (and builds the same [`Publish`]) or produces the
 //! contract's error with its usual wording. So the scanner only has to be right about
 //! what it accepts: valid JSON that `serde_json` would decode to the same command. The
@@ -98,9 +100,14 @@ pub fn publish_body(body: &Bytes, max_payload: usize) -> Option<Publish> {
 struct Fields {
     exchange: Option<Range<usize>>,
     key: Option<Range<usize>>,
+    /// The seed's spelling, `Key`: used when `key` is absent.
+    key_seed: Option<Range<usize>>,
     payload: Option<Range<usize>>,
     confirm: Option<bool>,
     persistent: Option<bool>,
+    ttl_ms: Option<u64>,
+    /// The `headers` object, braces included.
+    headers: Option<Range<usize>>,
     reference: Option<Range<usize>>,
 }
 
@@ -123,7 +130,7 @@ impl Fields {
         }
         // A string token includes both quotes, so it is at least 2 bytes long. An
         // empty key is `0..0`, as `MessageText::new` places every empty piece.
-        let (key_json, key) = match self.key {
+        let (key_json, key) = match self.key.or(self.key_seed) {
             Some(token) if token.len() > 2 => (token.clone(), token.start + 1..token.end - 1),
             Some(token) => (token, 0..0),
             None => (0..0, 0..0),
@@ -133,6 +140,9 @@ impl Fields {
         if let Some(r) = &self.reference {
             input.get(r.clone())?;
         }
+        if let Some(h) = &self.headers {
+            input.get(h.clone())?;
+        }
         Some(Checked {
             exchange,
             key_json,
@@ -140,6 +150,8 @@ impl Fields {
             payload,
             confirm: self.confirm.unwrap_or(false),
             persistent: self.persistent.unwrap_or(true),
+            ttl_ms: self.ttl_ms,
+            headers: self.headers,
             reference: self.reference,
         })
     }
@@ -153,6 +165,8 @@ struct Checked {
     payload: Range<usize>,
     confirm: bool,
     persistent: bool,
+    ttl_ms: Option<u64>,
+    headers: Option<Range<usize>>,
     reference: Option<Range<usize>>,
 }
 
@@ -161,6 +175,7 @@ impl Checked {
     fn into_publish(self, input: Bytes) -> Publish {
         Publish {
             reference: self.reference.map(|r| input.slice(r)),
+            headers: self.headers.map(|r| input.slice(r)),
             text: MessageText::from_ranges(
                 input,
                 self.exchange,
@@ -170,8 +185,7 @@ impl Checked {
             ),
             confirm: self.confirm,
             persistent: self.persistent,
-            ttl_ms: None,
-            headers: None,
+            ttl_ms: self.ttl_ms,
         }
     }
 }
@@ -233,6 +247,7 @@ impl<'a> Cursor<'a> {
             match self.b.get(name.start + 1..name.end - 1)? {
                 b"exchange_name" if f.exchange.is_none() => f.exchange = Some(self.plain_string()?),
                 b"key" if f.key.is_none() => f.key = Some(self.plain_string()?),
+                b"Key" if f.key_seed.is_none() => f.key_seed = Some(self.plain_string()?),
                 // `null` reads as an absent payload (an error), so serde_json words it.
                 b"payload" if f.payload.is_none() && self.peek()? != b'n' => {
                     self.value(0)?;
@@ -240,6 +255,11 @@ impl<'a> Cursor<'a> {
                 }
                 b"confirm" if f.confirm.is_none() => f.confirm = Some(self.boolean()?),
                 b"persistent" if f.persistent.is_none() => f.persistent = Some(self.boolean()?),
+                b"ttl_ms" if f.ttl_ms.is_none() => f.ttl_ms = Some(self.unsigned()?),
+                b"headers" if f.headers.is_none() && self.peek()? == b'{' => {
+                    self.string_object()?;
+                    f.headers = Some(at..self.i);
+                }
                 b"ref" if f.reference.is_none() => f.reference = Some(self.plain_string()?),
                 _ => return None,
             }
@@ -272,6 +292,37 @@ impl<'a> Cursor<'a> {
             b't' => self.expect(b"true").map(|()| true),
             b'f' => self.expect(b"false").map(|()| false),
             _ => None,
+        }
+    }
+
+    /// A number that `serde_json` reads as a `u64`: digits only (no sign, fraction or
+    /// exponent), at most `u64::MAX`.
+    fn unsigned(&mut self) -> Option<u64> {
+        let start = self.i;
+        self.number()?;
+        self.b.get(start..self.i)?.iter().try_fold(0u64, |v, &d| {
+            let digit = d.checked_sub(b'0').filter(|d| *d <= 9)?;
+            v.checked_mul(10)?.checked_add(u64::from(digit))
+        })
+    }
+
+    /// An object whose values are all strings (a publish's `headers`), checked and
+    /// skipped. Its keys may repeat, as `serde_json`'s map keeps the last.
+    fn string_object(&mut self) -> Option<()> {
+        self.eat(b'{')?;
+        self.ws();
+        if self.eat(b'}').is_some() {
+            return Some(());
+        }
+        loop {
+            self.string()?;
+            self.ws();
+            self.eat(b':')?;
+            self.ws();
+            self.string()?;
+            if !self.more(b'}')? {
+                return Some(());
+            }
         }
     }
 
@@ -543,6 +594,9 @@ mod tests {
             r#"{"type":"PUBLISH","payload":{"exchange_name":"ünï","key":"ключ","payload":"日本"}}"#,
             r#"{"type":"PUBLISH","payload":{"exchange_name":"x","key":"a.b","payload":-0}}"#,
             r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":1E5}}"#,
+            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","key":"k","payload":1,"ttl_ms":60000,"headers":{"trace":"a1","n":"\n"}}}"#,
+            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","Key":"k","payload":1,"headers":{ },"ttl_ms":0}}"#,
+            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","Key":"a","key":"b","payload":1,"ttl_ms":18446744073709551615}}"#,
         ];
         for c in cases {
             assert!(check_frame(c), "not taken by the fast path: {c}");
@@ -552,14 +606,26 @@ mod tests {
         assert_eq!(p.reference.as_deref(), Some(&b"\"r-1\""[..]));
         assert_eq!(p.text.exchange(), "x");
         assert_eq!(p.text.routing_key_json(), b"\"\"");
+        let p = publish_frame(Utf8Bytes::from(cases[7]), LIMIT).unwrap();
+        assert_eq!(p.ttl_ms, Some(60_000));
+        assert_eq!(
+            p.headers.as_deref(),
+            Some(&br#"{"trace":"a1","n":"\n"}"#[..])
+        );
+        // The seed's `Key` is the key when `key` is absent, and yields to it otherwise.
+        let key = |i: usize| {
+            let p = publish_frame(Utf8Bytes::from(cases[i]), LIMIT).unwrap();
+            p.text.routing_key_str().to_owned()
+        };
+        assert_eq!((key(8), key(9)), ("k".to_owned(), "b".to_owned()));
     }
 
     #[test]
     fn a_publish_without_a_key_shares_its_frame() {
-        // Both paths: the fast one, and serde_json's (a `headers` field sends it there).
+        // Both paths: the fast one, and serde_json's (an unknown field sends it there).
         for text in [
             r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":[1]}}"#,
-            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":[1],"headers":{}}}"#,
+            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":[1],"extra":{}}}"#,
         ] {
             let frame = Utf8Bytes::from(text.to_owned());
             let base = frame.as_bytes().as_ptr() as usize;
@@ -578,9 +644,11 @@ mod tests {
         let cases = [
             // Valid frames the scanner does not take.
             r#"{"payload":{"exchange_name":"x","payload":1},"type":"PUBLISH"}"#,
-            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":1,"headers":{"a":"b"}}}"#,
-            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":1,"ttl_ms":5}}"#,
-            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","Key":"k","payload":1}}"#,
+            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":1,"headers":null}}"#,
+            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":1,"ttl_ms":null}}"#,
+            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":1,"ttl_ms":-0}}"#,
+            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":1,"headers":{"\u0041":"b"}}}"#,
+            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","Key":null,"payload":1}}"#,
             r#"{"type":"PUBLISH","payload":{"exchange_name":"x","key":"a\u002eb","payload":1}}"#,
             r#"{"type":"PUBLISH","payload":{"exchange_name":"x\n","payload":1}}"#,
             r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":"\u00e9"}}"#,
@@ -598,6 +666,15 @@ mod tests {
             r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":1}} x"#,
             r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":1}"#,
             r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":1,"confirm":"yes"}}"#,
+            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":1,"ttl_ms":5.0}}"#,
+            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":1,"ttl_ms":-1}}"#,
+            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":1,"ttl_ms":1e3}}"#,
+            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":1,"ttl_ms":18446744073709551616}}"#,
+            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":1,"ttl_ms":"5"}}"#,
+            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":1,"headers":{"a":1}}}"#,
+            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":1,"headers":["a"]}}"#,
+            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":1,"headers":{"a":"b",}}}"#,
+            r#"{"type":"PUBLISH","payload":{"exchange_name":"x","payload":1,"ttl_ms":1,"ttl_ms":2}}"#,
         ];
         for c in cases {
             assert!(!check_frame(c), "taken by the fast path: {c}");
@@ -748,17 +825,54 @@ mod tests {
             let v = r.pick(&["\"r1\"", "\"\"", "1", "null"]);
             field(r, "ref", v);
         }
+        if r.below(4) == 0 {
+            let v = r.pick(&[
+                "5",
+                "0",
+                "60000",
+                "18446744073709551615",
+                "18446744073709551616",
+                "99999999999999999999",
+                "-1",
+                "-0",
+                "5.0",
+                "1e3",
+                "null",
+                "\"5\"",
+            ]);
+            field(r, "ttl_ms", v);
+        }
+        if r.below(4) == 0 {
+            let v = r.pick(&[
+                "{}",
+                "{ }",
+                "{\"a\":\"b\"}",
+                "{ \"a\" : \"b\" , \"c\":\"\\n\\/\" }",
+                "{\"a\":\"b\",\"a\":\"c\"}",
+                "{\"\":\"\"}",
+                "{\"a\":1}",
+                "{\"a\":null}",
+                "{\"a\":\"\\u0041\"}",
+                "{\"a\":\"b\",}",
+                "[]",
+                "null",
+                "\"h\"",
+            ]);
+            field(r, "headers", v);
+        }
+        if r.below(5) == 0 {
+            let key = r.pick(&["\"k\"", "\"\"", "null", "7"]);
+            field(r, "Key", key);
+        }
         // Now and then a field the scanner leaves to serde_json, or a repeat.
         if r.below(6) == 0 {
             let (name, v) = [
                 ("ttl_ms", "5"),
-                ("headers", "{\"a\":\"b\"}"),
-                ("headers", "{\"a\":1}"),
-                ("Key", "\"k\""),
+                ("headers", "{}"),
                 ("other", "[1,{}]"),
                 ("payload", "2"),
                 ("exchange_name", "\"y\""),
-            ][r.below(7)];
+            ][r.below(5)];
             field(r, name, v);
         }
         let n = fields.len();
