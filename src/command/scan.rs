@@ -81,12 +81,11 @@ fn frame_fields(frame: &[u8], max_payload: usize) -> Option<Checked> {
 }
 
 /// Decodes the body of `POST /publish` (the object inside a frame's `payload`), or
-/// `None` when `serde_json` must decide. The body is not known to be UTF-8, so any
-/// byte outside ASCII sends it to `serde_json`.
+/// `None` when `serde_json` must decide. The body is checked to be UTF-8 first, as the
+/// WebSocket codec checks a frame; one that is not goes to `serde_json`, which refuses
+/// it in its own words.
 pub fn publish_body(body: &Bytes, max_payload: usize) -> Option<Publish> {
-    if !body.is_ascii() {
-        return None;
-    }
+    std::str::from_utf8(body).ok()?;
     let mut c = Cursor::new(body);
     c.ws();
     let fields = c.body()?;
@@ -697,7 +696,11 @@ mod tests {
         assert!(check_body(
             b" {\"payload\":\"p\",\"exchange_name\":\"x\",\"confirm\":false} "
         ));
-        // Not ASCII, so not known to be UTF-8: serde_json decides (and refuses this one).
+        // UTF-8 beyond ASCII, as frames carry it.
+        assert!(check_body(
+            "{\"exchange_name\":\"ünï\",\"key\":\"ключ\",\"payload\":\"日本\"}".as_bytes()
+        ));
+        // Not UTF-8: serde_json decides (and refuses it).
         assert!(!check_body(
             b"{\"exchange_name\":\"x\",\"payload\":\"\xff\"}"
         ));
