@@ -308,6 +308,12 @@ impl<'a> Cursor<'a> {
     /// An object whose values are all strings (a publish's `headers`), checked and
     /// skipped. Its keys may repeat, as `serde_json`'s map keeps the last.
     fn string_object(&mut self) -> Option<()> {
+        self.object(Self::string)
+    }
+
+    /// An object, `{` then `"key": value` members `}`, checked and skipped; `value`
+    /// reads each member's value.
+    fn object(&mut self, mut value: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
         self.eat(b'{')?;
         self.ws();
         if self.eat(b'}').is_some() {
@@ -318,7 +324,7 @@ impl<'a> Cursor<'a> {
             self.ws();
             self.eat(b':')?;
             self.ws();
-            self.string()?;
+            value(self)?;
             if !self.more(b'}')? {
                 return Some(());
             }
@@ -366,21 +372,7 @@ impl<'a> Cursor<'a> {
             b'"' => self.string(),
             b'{' => {
                 let depth = deeper(depth)?;
-                self.i += 1;
-                self.ws();
-                if self.eat(b'}').is_some() {
-                    return Some(());
-                }
-                loop {
-                    self.string()?;
-                    self.ws();
-                    self.eat(b':')?;
-                    self.ws();
-                    self.value(depth)?;
-                    if !self.more(b'}')? {
-                        return Some(());
-                    }
-                }
+                self.object(|c| c.value(depth))
             }
             b'[' => {
                 let depth = deeper(depth)?;
@@ -814,58 +806,62 @@ mod tests {
             let name = r.pick(&["\"x\"", "\"a.b\"", "\"ü\"", "\"amq.x\"", "\"\"", "1"]);
             field(r, "exchange_name", name);
         }
-        if r.below(2) == 0 {
-            let key = r.pick(&["\"k\"", "\"a.b.c\"", "\"\"", "null", "\"\\u0041\"", "7"]);
-            field(r, "key", key);
-        }
-        for name in ["confirm", "persistent"] {
-            if r.below(3) == 0 {
-                let v = r.pick(&["true", "false", "true", "false", "1", "null"]);
+        // The optional fields: each present once in `odds`, with a value picked from
+        // good ones and ones serde_json refuses or the scanner leaves to it.
+        let booleans: &[&str] = &["true", "false", "true", "false", "1", "null"];
+        let optional: [(&str, usize, &[&str]); 7] = [
+            (
+                "key",
+                2,
+                &["\"k\"", "\"a.b.c\"", "\"\"", "null", "\"\\u0041\"", "7"],
+            ),
+            ("confirm", 3, booleans),
+            ("persistent", 3, booleans),
+            ("ref", 3, &["\"r1\"", "\"\"", "1", "null"]),
+            (
+                "ttl_ms",
+                4,
+                &[
+                    "5",
+                    "0",
+                    "60000",
+                    "18446744073709551615",
+                    "18446744073709551616",
+                    "99999999999999999999",
+                    "-1",
+                    "-0",
+                    "5.0",
+                    "1e3",
+                    "null",
+                    "\"5\"",
+                ],
+            ),
+            (
+                "headers",
+                4,
+                &[
+                    "{}",
+                    "{ }",
+                    "{\"a\":\"b\"}",
+                    "{ \"a\" : \"b\" , \"c\":\"\\n\\/\" }",
+                    "{\"a\":\"b\",\"a\":\"c\"}",
+                    "{\"\":\"\"}",
+                    "{\"a\":1}",
+                    "{\"a\":null}",
+                    "{\"a\":\"\\u0041\"}",
+                    "{\"a\":\"b\",}",
+                    "[]",
+                    "null",
+                    "\"h\"",
+                ],
+            ),
+            ("Key", 5, &["\"k\"", "\"\"", "null", "7"]),
+        ];
+        for (name, odds, values) in optional {
+            if r.below(odds) == 0 {
+                let v = r.pick(values);
                 field(r, name, v);
             }
-        }
-        if r.below(3) == 0 {
-            let v = r.pick(&["\"r1\"", "\"\"", "1", "null"]);
-            field(r, "ref", v);
-        }
-        if r.below(4) == 0 {
-            let v = r.pick(&[
-                "5",
-                "0",
-                "60000",
-                "18446744073709551615",
-                "18446744073709551616",
-                "99999999999999999999",
-                "-1",
-                "-0",
-                "5.0",
-                "1e3",
-                "null",
-                "\"5\"",
-            ]);
-            field(r, "ttl_ms", v);
-        }
-        if r.below(4) == 0 {
-            let v = r.pick(&[
-                "{}",
-                "{ }",
-                "{\"a\":\"b\"}",
-                "{ \"a\" : \"b\" , \"c\":\"\\n\\/\" }",
-                "{\"a\":\"b\",\"a\":\"c\"}",
-                "{\"\":\"\"}",
-                "{\"a\":1}",
-                "{\"a\":null}",
-                "{\"a\":\"\\u0041\"}",
-                "{\"a\":\"b\",}",
-                "[]",
-                "null",
-                "\"h\"",
-            ]);
-            field(r, "headers", v);
-        }
-        if r.below(5) == 0 {
-            let key = r.pick(&["\"k\"", "\"\"", "null", "7"]);
-            field(r, "Key", key);
         }
         // Now and then a field the scanner leaves to serde_json, or a repeat.
         if r.below(6) == 0 {
