@@ -299,10 +299,12 @@ impl<'a> Cursor<'a> {
     fn unsigned(&mut self) -> Option<u64> {
         let start = self.i;
         self.number()?;
-        self.b.get(start..self.i)?.iter().try_fold(0u64, |v, &d| {
-            let digit = d.checked_sub(b'0').filter(|d| *d <= 9)?;
-            v.checked_mul(10)?.checked_add(u64::from(digit))
-        })
+        // The token is a JSON number (ASCII); `u64`'s own parser refuses a sign, a
+        // fraction, an exponent and overflow, as serde_json's `u64` does.
+        std::str::from_utf8(self.b.get(start..self.i)?)
+            .ok()?
+            .parse()
+            .ok()
     }
 
     /// An object whose values are all strings (a publish's `headers`), checked and
