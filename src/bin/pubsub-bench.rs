@@ -135,7 +135,7 @@ struct Args {
     /// it counts the missing messages as lost.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     drain_timeout: Duration,
-    /// Server pid for RSS (found through the listening port when absent).
+    /// Server pid, for its RSS and CPU time (found through the listening port when absent).
     #[arg(long)]
     server_pid: Option<u32>,
     /// Label for the variant column (e.g. `sqlite`, `postgres`); defaults to the transport.
@@ -797,6 +797,7 @@ fn queue_run(a: &Args, tag: &str, kind: &str, n: usize, plan: Plan) -> Result<Re
         }));
     }
     ready.wait();
+    let cpu = report::CpuMeter::start(server_pid(a));
     let po = publish(a, &ex, "k", plan, false);
     let po = match po {
         Ok(p) => p,
@@ -826,6 +827,7 @@ fn queue_run(a: &Args, tag: &str, kind: &str, n: usize, plan: Plan) -> Result<Re
         redelivered += so.redelivered;
         all.extend(so.lat_ns);
     }
+    let cpu = cpu.per_msg(received);
     teardown(a, &ex, &queues);
     let scenario = match (a.scenario, a.ack) {
         (Scenario::Throughput, Ack::Manual) => "manual_ack",
@@ -837,6 +839,9 @@ fn queue_run(a: &Args, tag: &str, kind: &str, n: usize, plan: Plan) -> Result<Re
     };
     let variant = a.variant.clone().unwrap_or_else(|| transport_name(a));
     let mut rec = Record::new("pubsub", scenario, &variant);
+    for (k, v) in cpu {
+        rec.put(k, v);
+    }
     let expected = accepted * n as u64;
     rec.sent = po.sent;
     rec.received = received;
@@ -905,6 +910,12 @@ fn durable(a: &Args, tag: &str) -> Result<Record> {
     Ok(rec)
 }
 
+/// The server's pid: `--server-pid`, or whoever listens on the port of `--addr`.
+fn server_pid(a: &Args) -> Option<u32> {
+    a.server_pid
+        .or_else(|| report::pid_listening_on(a.addr.rsplit(':').next()?.parse().ok()?))
+}
+
 /// `connections`: many idle exchange subscribers, periodic broadcasts.
 fn connections(a: &Args, tag: &str) -> Result<Record> {
     let ex = format!("{tag}-x");
@@ -914,13 +925,7 @@ fn connections(a: &Args, tag: &str) -> Result<Record> {
         "/exchanges",
         &json!({"name": ex, "type": "fanout"}).to_string(),
     )?;
-    let port: u16 = a
-        .addr
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .ok_or_else(|| anyhow!("--addr needs a port"))?;
-    let pid = a.server_pid.or_else(|| report::pid_listening_on(port));
+    let pid = server_pid(a);
     // Let the server settle before taking the baseline.
     thread::sleep(Duration::from_millis(300));
     let rss_before = pid.and_then(report::tree_rss_kib);

@@ -139,7 +139,7 @@ struct Args {
     batch: usize,
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     drain_timeout: Duration,
-    /// Broker pid for RSS (found through the listening port when absent).
+    /// Broker pid, for its RSS and CPU time (found through the listening port when absent).
     #[arg(long)]
     server_pid: Option<u32>,
     #[arg(long)]
@@ -347,6 +347,7 @@ fn queue_run(a: &Args, tag: &str, scenario: Scenario) -> Result<Record> {
         }));
     }
     ready.wait();
+    let cpu = report::CpuMeter::start(broker_pid(a));
     let start = now_ns();
     let pubres = match a.system {
         System::Nats if a.nats_client == NatsClient::Raw => nats_raw_publish(a, &ex, plan),
@@ -374,6 +375,7 @@ fn queue_run(a: &Args, tag: &str, scenario: Scenario) -> Result<Record> {
             Err(e) => sub_err = Some(e),
         }
     }
+    let cpu = cpu.per_msg(received);
     if let Some(setup) = rabbit_setup {
         rabbit_teardown(setup, &ex, &queues);
     }
@@ -395,6 +397,9 @@ fn queue_run(a: &Args, tag: &str, scenario: Scenario) -> Result<Record> {
         System::Rabbitmq => "amqp",
     };
     let mut rec = Record::new(system_name(a.system), name, variant);
+    for (k, v) in cpu {
+        rec.put(k, v);
+    }
     let expected = sent * n as u64;
     rec.sent = sent;
     rec.received = received;
@@ -642,14 +647,25 @@ fn nats_raw_conn(addr: &str, subject: &str) -> Result<TcpStream> {
     Ok(s)
 }
 
+/// The broker's pid: `--server-pid`, or whoever listens on the port of `--nats-addr`
+/// (NATS) or `--amqp-url` (RabbitMQ, 5672 when the URL names none).
+fn broker_pid(a: &Args) -> Option<u32> {
+    a.server_pid.or_else(|| {
+        let port = match a.system {
+            System::Nats => a.nats_addr.rsplit(':').next()?.parse().ok()?,
+            System::Rabbitmq => a
+                .amqp_url
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.trim_end_matches('/').parse().ok())
+                .unwrap_or(5672),
+        };
+        report::pid_listening_on(port)
+    })
+}
+
 fn nats_connections(a: &Args, tag: &str) -> Result<Record> {
-    let port = a
-        .nats_addr
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .ok_or_else(|| anyhow!("--nats-addr needs a port"))?;
-    let pid = a.server_pid.or_else(|| report::pid_listening_on(port));
+    let pid = broker_pid(a);
     let rss_before = pid.and_then(report::rss_kib);
     let subject = format!("{tag}-x");
     let n = a.subscribers.max(1);
@@ -1007,13 +1023,7 @@ fn rabbit_durable(a: &Args, tag: &str) -> Result<Record> {
 fn rabbit_connections(a: &Args, tag: &str) -> Result<Record> {
     let ex = format!("{tag}-x");
     let setup = rabbit_declare(a, &ex, ExchangeType::Fanout, &[], false)?;
-    let port = a
-        .amqp_url
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches('/').parse().ok())
-        .unwrap_or(5672);
-    let pid = a.server_pid.or_else(|| report::pid_listening_on(port));
+    let pid = broker_pid(a);
     thread::sleep(Duration::from_millis(300));
     let rss_before = pid.and_then(report::tree_rss_kib);
     let n = a.subscribers.max(1);

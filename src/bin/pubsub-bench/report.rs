@@ -176,6 +176,88 @@ pub fn tree_rss_kib(pid: u32) -> Option<u64> {
     Some(total)
 }
 
+/// CPU time in nanoseconds that the live threads of `pid` and of its child processes
+/// have run (`/proc/<pid>/task/*/schedstat`, first field); `None` without schedstat.
+/// A server's threads live as long as it does, so the difference of two readings is
+/// what the server spent in between.
+pub fn tree_cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let Ok(task) = task else { continue };
+        let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+        total = total.saturating_add(ns);
+    }
+    if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+        for c in children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<u32>().ok())
+        {
+            total = total.saturating_add(tree_cpu_ns(c).unwrap_or(0));
+        }
+    }
+    Some(total)
+}
+
+/// CPU time in nanoseconds this process has used, threads that ended included
+/// (`getrusage(RUSAGE_SELF)`, user plus system).
+pub fn self_cpu_ns() -> Option<u64> {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `getrusage` writes one `rusage` through the pointer, which points at a
+    // properly aligned `rusage` owned by this frame.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: `rusage` is plain integers, so the zeroed value is valid, and the call
+    // above succeeded in filling it.
+    let ru = unsafe { ru.assume_init() };
+    let ns = |t: libc::timeval| {
+        u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(t.tv_usec).unwrap_or(0) * 1_000
+    };
+    Some(ns(ru.ru_utime) + ns(ru.ru_stime))
+}
+
+/// The CPU the server and this load generator spend over a measured transfer, per
+/// delivered message: where a rate scenario is CPU-bound on shared cores (two here),
+/// these two numbers are what decides the rate.
+pub struct CpuMeter {
+    pid: Option<u32>,
+    server: Option<u64>,
+    client: Option<u64>,
+}
+
+impl CpuMeter {
+    /// Takes the first readings; `pid` is the server's (or `None`: client only).
+    pub fn start(pid: Option<u32>) -> Self {
+        CpuMeter {
+            pid,
+            server: pid.and_then(tree_cpu_ns),
+            client: self_cpu_ns(),
+        }
+    }
+
+    /// `server_cpu_ns_per_msg` and `client_cpu_ns_per_msg`: nanoseconds per delivered
+    /// message since [`CpuMeter::start`], rounded, for what could be read. Read it as
+    /// the transfer ends, before any teardown, and [`Record::put`] the pairs.
+    pub fn per_msg(&self, delivered: u64) -> Vec<(&'static str, u64)> {
+        let per = |before: Option<u64>, after: Option<u64>| {
+            let spent = after?.checked_sub(before?)?;
+            (delivered > 0).then(|| (spent as f64 / delivered as f64).round() as u64)
+        };
+        let mut out = Vec::new();
+        if let Some(v) = per(self.server, self.pid.and_then(tree_cpu_ns)) {
+            out.push(("server_cpu_ns_per_msg", v));
+        }
+        if let Some(v) = per(self.client, self_cpu_ns()) {
+            out.push(("client_cpu_ns_per_msg", v));
+        }
+        out
+    }
+}
+
 /// Finds the pid of the process listening on TCP `port` on this machine through
 /// `/proc/net/tcp` (the socket inode) and `/proc/*/fd` (who holds it).
 pub fn pid_listening_on(port: u16) -> Option<u32> {
