@@ -289,12 +289,21 @@ type CellList<'a> = [((&'a str, &'a str), Vec<&'a Run>)];
 
 fn scenario_table(o: &mut String, sc: &str, cells: &CellList<'_>) {
     let conn = sc == "connections";
+    // The CPU the server and the load generator spent per delivered message, where
+    // the runs measured it (the rate scenarios, `pubsub-bench/report.rs`'s `CpuMeter`).
+    let cpu = !conn
+        && cells
+            .iter()
+            .any(|(_, rs)| !metric(rs, "server_cpu_ns_per_msg").is_empty());
     let _ = writeln!(o, "### {sc}\n");
     let mut head = String::from(
         "| system | variant | runs | msgs/s median (min–max) | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | lost (sum) |",
     );
     if conn {
         head.push_str(" subscribers | RSS KiB/conn |");
+    }
+    if cpu {
+        head.push_str(" server CPU ns/msg | client CPU ns/msg |");
     }
     let columns = head.matches('|').count() - 1;
     let _ = writeln!(o, "{head}\n|{}", " --- |".repeat(columns));
@@ -325,6 +334,14 @@ fn scenario_table(o: &mut String, sc: &str, cells: &CellList<'_>) {
                 " {} | {} |",
                 thousands(m("subscribers"), 0),
                 thousands(m("rss_per_conn_kib"), 1)
+            );
+        }
+        if cpu {
+            let _ = write!(
+                o,
+                " {} | {} |",
+                thousands(m("server_cpu_ns_per_msg"), 0),
+                thousands(m("client_cpu_ns_per_msg"), 0)
             );
         }
         let _ = writeln!(o);
@@ -557,13 +574,19 @@ fn ab_report(runs: &[Run]) -> String {
         .first()
         .or(new.first())
         .map_or("?", |r| r.scenario.as_str());
-    let columns: &[(&str, &str, usize)] = if scenario == "latency" {
-        &[("p50_us", "p50 µs", 1), ("p99_us", "p99 µs", 1)]
+    let mut columns: Vec<(&str, &str, usize)> = if scenario == "latency" {
+        vec![("p50_us", "p50 µs", 1), ("p99_us", "p99 µs", 1)]
     } else {
-        &[("msgs_per_sec", "msgs/s", 0)]
+        vec![("msgs_per_sec", "msgs/s", 0)]
     };
-    for &(key, label, decimals) in columns {
+    // The server's CPU per delivered message, where the runs carry it: a change too
+    // small to move the rate on two shared cores can still show here.
+    columns.push(("server_cpu_ns_per_msg", "server CPU ns/msg", 0));
+    for (key, label, decimals) in columns {
         let (a, b) = (metric(&old, key), metric(&new, key));
+        if a.is_empty() && b.is_empty() && key == "server_cpu_ns_per_msg" {
+            continue;
+        }
         let list = |v: &[f64]| {
             let mut v = v.to_vec();
             v.sort_by(f64::total_cmp);
@@ -703,6 +726,65 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("- nats fanout: exit 1: refused"), "{out}");
+    }
+
+    #[test]
+    fn cpu_per_message_gets_columns_only_where_measured() {
+        let cpu = |server: u32, client: u32| {
+            format!(r#","server_cpu_ns_per_msg":{server},"client_cpu_ns_per_msg":{client}"#)
+        };
+        let text = [
+            line("pubsub", "throughput", "ws", 900.0, 10.0, &cpu(700, 300)),
+            line("pubsub", "throughput", "ws", 1100.0, 10.0, &cpu(900, 200)),
+            line(
+                "nats",
+                "throughput",
+                "core-raw",
+                1000.0,
+                10.0,
+                &cpu(1200, 250),
+            ),
+            // A run that could not read the server's CPU leaves its cell "n/a".
+            line("rabbitmq", "throughput", "amqp", 50.0, 10.0, ""),
+            line("pubsub", "latency", "ws", 5000.0, 120.0, ""),
+        ]
+        .join("\n");
+        let out = peers_report(&parse_runs(&text).unwrap(), 2, "a", "b");
+        assert!(
+            out.contains("| max µs | lost (sum) | server CPU ns/msg | client CPU ns/msg |"),
+            "{out}"
+        );
+        assert!(out.contains("| 0 | 800 | 250 |"), "{out}");
+        assert!(out.contains("| 0 | 1,200 | 250 |"), "{out}");
+        assert!(out.contains("| 0 | n/a | n/a |"), "{out}");
+        let latency = out
+            .split("### latency")
+            .nth(1)
+            .and_then(|t| t.lines().find(|l| l.starts_with("| system")))
+            .unwrap_or("");
+        assert!(!latency.contains("CPU"), "{out}");
+    }
+
+    #[test]
+    fn ab_compares_server_cpu_per_message_where_measured() {
+        let run = |variant: &str, rate: f64, ns: u32| {
+            line(
+                "pubsub",
+                "throughput",
+                variant,
+                rate,
+                10.0,
+                &format!(r#","server_cpu_ns_per_msg":{ns}"#),
+            )
+        };
+        let text = [run("old", 1000.0, 1000), run("new", 1000.0, 900)].join("\n");
+        let out = ab_report(&parse_runs(&text).unwrap());
+        assert!(
+            out.contains("throughput server CPU ns/msg: new/old = 0.90"),
+            "{out}"
+        );
+        let bare = line("pubsub", "throughput", "old", 1.0, 1.0, "");
+        assert!(!ab_report(&parse_runs(&bare).unwrap()).contains("CPU"));
     }
 
     #[test]
