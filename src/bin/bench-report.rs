@@ -4,13 +4,15 @@
 //!
 //! - `bench-report peers FILE.jsonl --runs N`: one table per scenario (median of the
 //!   runs, min–max of the headline rate, the latency percentiles' medians, messages
-//!   lost), the ratios of pubsub to each peer, and "Goals of issue 5": each goal the
-//!   issue sets, the ratio of the medians, the same ratio run by run (run k of pubsub
-//!   against run k of the peer, which `bench-peers` runs back to back and numbers in the
-//!   `"run"` field of each line) and a verdict that says by how much a missed goal
-//!   falls short.
+//!   lost, and the server's and the client's CPU per delivered message where the runs
+//!   measured them), the ratios of pubsub to each peer, and "Goals of issue 5": each
+//!   goal the issue sets, the ratio of the medians, the same ratio run by run (run k of
+//!   pubsub against run k of the peer, which `bench-peers` runs back to back and
+//!   numbers in the `"run"` field of each line) and a verdict that says by how much a
+//!   missed goal falls short (for a rate, with what each side spent per message).
 //! - `bench-report ab FILE.jsonl`: the medians of the runs labelled `--variant old` and
-//!   `--variant new`, and new/old (msgs/s, or p50 and p99 for `latency`).
+//!   `--variant new`, and new/old (msgs/s, or p50 and p99 for `latency`; and the
+//!   server's CPU per message where measured).
 //!
 //! It is a Rust binary rather than a script so that a fresh machine needs nothing
 //! beyond the toolchain to run the benchmarks, and so that its arithmetic is tested.
