@@ -276,6 +276,27 @@ impl MessageText {
         self.piece(&self.body)
     }
 
+    /// True when the buffer holds these pieces and nothing else, as [`MessageText::new`]
+    /// lays them out when it copies: keeping the text then keeps no other bytes alive.
+    /// A text sliced from a frame never is (the frame holds more than its pieces).
+    pub fn is_compact(&self) -> bool {
+        let len = |s: Span| (s.end as usize).saturating_sub(s.start as usize);
+        let pieces = len(self.exchange_json) + len(self.key_json) + len(self.key) + len(self.body);
+        self.buf.len() == pieces
+    }
+
+    /// The same text in a buffer of its own, sized to its pieces.
+    pub fn compacted(&self) -> MessageText {
+        let key_json = (!self.key_json.is_empty()).then(|| self.piece(&self.key_json));
+        MessageText::new(
+            &Bytes::new(),
+            self.exchange_json(),
+            key_json,
+            self.routing_key(),
+            self.body(),
+        )
+    }
+
     /// The body as its own `Bytes` (for the store; one more reference to the buffer).
     pub fn body_bytes(&self) -> Bytes {
         let body = self.body.range();
@@ -334,6 +355,26 @@ impl Message {
     /// [`Message::weight`] of a message with this body and headers, before it is built.
     pub fn weight_of(body: &[u8], headers: Option<&Bytes>) -> usize {
         body.len() + headers.map_or(0, Bytes::len) + 128
+    }
+
+    /// True while its text still lies in the buffer its frame was read into, which it
+    /// then keeps alive whole (with every other frame read with it; see
+    /// [`crate::queue::QueueState::compact`]).
+    pub fn shares_buffer(&self) -> bool {
+        !self.text.is_compact()
+    }
+
+    /// The same message with its text and headers copied into buffers of their own:
+    /// same id, times and flags, so nothing a client sees changes.
+    pub fn compacted(&self) -> Message {
+        Message {
+            id: self.id,
+            text: self.text.compacted(),
+            headers: self.headers.as_deref().map(Bytes::copy_from_slice),
+            published_at: self.published_at,
+            expires_at: self.expires_at,
+            persistent: self.persistent,
+        }
     }
 
     /// A copy for dead-lettering: same id and body, no per-message expiry.
@@ -424,6 +465,29 @@ mod tests {
             with_counts <= 192,
             "Message with its Arc counts is {with_counts} bytes"
         );
+    }
+
+    #[test]
+    fn a_compacted_text_owns_exactly_its_pieces_and_reads_the_same() {
+        let frame = Bytes::from_static(br#"{"e":"ex","k":"a.b","p":{"n":1}}"#);
+        let at = |piece: &[u8]| {
+            let i = frame.windows(piece.len()).position(|w| w == piece).unwrap();
+            &frame[i..i + piece.len()]
+        };
+        let key_token = at(br#""a.b""#);
+        for key_json in [Some(key_token), None] {
+            // The decoded key lies inside the token, as the scanner finds it.
+            let key = key_json.map_or(&b""[..], |t| &t[1..4]);
+            let text = MessageText::new(&frame, at(br#""ex""#), key_json, key, at(br#"{"n":1}"#));
+            assert!(!text.is_compact(), "a slice of a frame keeps the frame");
+            let c = text.compacted();
+            assert!(c.is_compact());
+            assert_eq!(c.exchange_json(), text.exchange_json());
+            assert_eq!(c.routing_key_json(), text.routing_key_json());
+            assert_eq!(c.routing_key(), text.routing_key());
+            assert_eq!(c.body(), text.body());
+            assert_eq!(c.compacted(), c);
+        }
     }
 
     #[test]

@@ -225,6 +225,9 @@ pub struct QueueState {
     next_seq: u64,
     unacked_total: usize,
     scratch: Vec<Entry>,
+    /// Ready messages with a `seq` below this have been looked at by
+    /// [`QueueState::compact`] (copied, or found with a buffer of their own).
+    compacted_below: u64,
 }
 
 impl QueueState {
@@ -238,6 +241,7 @@ impl QueueState {
             next_seq,
             unacked_total: 0,
             scratch: Vec::new(),
+            compacted_below: 0,
         }
     }
 
@@ -344,6 +348,50 @@ impl QueueState {
             fx.persist.push(PersistOp::Removed { seq: e.seq });
         }
         fx.freed += e.msg.weight();
+    }
+
+    /// Copies ready messages published before `before_ms` out of the read buffer their
+    /// frame arrived in; looks at `max_looks` messages at most and copies `max_copies`
+    /// at most; returns how many it copied.
+    ///
+    /// A published message's text is a slice of its connection's read buffer (no copy
+    /// on the hot path), and a slice keeps the whole buffer alive, with every other
+    /// frame read into it. Messages that move on within moments cost nothing more, but
+    /// a queue that keeps one message in a hundred (an unconsumed queue bound to part
+    /// of the traffic) would keep a whole buffer for each of them, while the memory
+    /// high-water mark counts only the messages' own bytes: measured before this, 2,000
+    /// kept messages of 487 KiB held 63 MiB. A message that waits is copied once, here,
+    /// on its queue's home shard, and the buffer goes when its other messages are done.
+    ///
+    /// Ready messages keep the order of their `seq` (requeued ones, with their old
+    /// seqs, go back to the head and lower `compacted_below`), so the ones already
+    /// looked at are a prefix, found by binary search.
+    pub fn compact(&mut self, before_ms: u64, max_looks: usize, max_copies: usize) -> usize {
+        let below = self.compacted_below;
+        let start = self.ready.partition_point(|e| e.seq < below);
+        let mut copies = 0;
+        for e in self.ready.range_mut(start..).take(max_looks) {
+            if e.msg.published_at >= before_ms {
+                break;
+            }
+            if e.msg.shares_buffer() {
+                if copies == max_copies {
+                    break;
+                }
+                e.msg = Arc::new(e.msg.compacted());
+                copies += 1;
+            }
+            self.compacted_below = e.seq.saturating_add(1);
+        }
+        copies
+    }
+
+    /// True when some ready message may still share its frame's read buffer: the
+    /// shard's tick calls [`QueueState::compact`] only for these.
+    pub fn may_compact(&self) -> bool {
+        self.ready
+            .back()
+            .is_some_and(|e| e.seq >= self.compacted_below)
     }
 
     /// Drops expired messages at the head (dead-lettering them).
@@ -466,6 +514,10 @@ impl QueueState {
 
     fn requeue_front(&mut self, entries: &mut Vec<Entry>, mark: bool) {
         let n = entries.len();
+        // Back at the head with their old seqs: [`QueueState::compact`] looks again.
+        if let Some(low) = entries.iter().map(|e| e.seq).min() {
+            self.compacted_below = self.compacted_below.min(low);
+        }
         self.unacked_total -= n.min(self.unacked_total);
         for mut e in entries.drain(..).rev() {
             if mark {
@@ -647,6 +699,106 @@ mod tests {
         assert!(q.handle().reserve());
         q.enqueue(m, None, 0, fx);
         id
+    }
+
+    /// A message as a publish makes it: its text a slice of a larger frame (the
+    /// connection's read buffer), published at `at` ms.
+    fn framed(ids: &mut IdGen, body: &str, at: u64) -> Arc<Message> {
+        let frame = Bytes::from(format!(r#"{{"exchange":"x","key":"k","body":{body}}}"#));
+        let find = |piece: &str| {
+            let start = frame
+                .windows(piece.len())
+                .position(|w| w == piece.as_bytes())
+                .unwrap();
+            &frame[start..start + piece.len()]
+        };
+        let key = find(r#""k""#);
+        let text = MessageText::new(&frame, find(r#""x""#), Some(key), &key[1..2], find(body));
+        let headers = Some(frame.slice(0..5));
+        let m = Message {
+            id: ids.next_id(),
+            text,
+            headers,
+            published_at: at,
+            expires_at: None,
+            persistent: false,
+        };
+        assert!(m.shares_buffer());
+        Arc::new(m)
+    }
+
+    fn push_framed(q: &mut QueueState, m: Arc<Message>, fx: &mut Effects) {
+        assert!(q.handle().reserve());
+        q.enqueue(m, None, 0, fx);
+    }
+
+    fn ready_shared(q: &QueueState) -> Vec<bool> {
+        q.ready.iter().map(|e| e.msg.shares_buffer()).collect()
+    }
+
+    #[test]
+    fn compact_copies_only_messages_that_waited_and_keeps_what_clients_see() {
+        let mut ids = IdGen::new(0);
+        let mut q = queue(QueueSpec::default());
+        let mut fx = Effects::default();
+        for (i, at) in [10, 20, 30, 40].into_iter().enumerate() {
+            push_framed(&mut q, framed(&mut ids, &format!("[{i}]"), at), &mut fx);
+        }
+        let before: Vec<(MessageId, Vec<u8>)> = q
+            .ready
+            .iter()
+            .map(|e| (e.msg.id, e.msg.text.body().to_vec()))
+            .collect();
+        // Published before 30: the first two.
+        assert!(q.may_compact());
+        assert_eq!(q.compact(30, 100, 100), 2);
+        assert_eq!(ready_shared(&q), [false, false, true, true]);
+        // Already looked at: nothing again; the younger ones wait their turn.
+        assert_eq!(q.compact(30, 100, 100), 0);
+        // The copy budget stops a pass; the next one goes on where it stopped.
+        assert_eq!(q.compact(1_000, 100, 1), 1);
+        assert_eq!(ready_shared(&q), [false, false, false, true]);
+        assert_eq!(q.compact(1_000, 100, 100), 1);
+        assert!(!q.may_compact());
+        let after: Vec<(MessageId, Vec<u8>)> = q
+            .ready
+            .iter()
+            .map(|e| (e.msg.id, e.msg.text.body().to_vec()))
+            .collect();
+        assert_eq!(before, after);
+        let m = &q.ready[0].msg;
+        assert_eq!(m.text.exchange_json(), br#""x""#);
+        assert_eq!(m.text.routing_key_json(), br#""k""#);
+        assert_eq!(m.text.routing_key(), b"k");
+        assert_eq!(m.headers.as_deref(), Some(&br#"{"exc"#[..]));
+        assert_eq!(m.published_at, 10);
+    }
+
+    #[test]
+    fn compact_looks_again_at_requeued_messages() {
+        let mut ids = IdGen::new(0);
+        let mut q = queue(QueueSpec::default());
+        let mut fx = Effects::default();
+        q.add_consumer(cid(1), AckMode::Manual, 1);
+        push_framed(&mut q, framed(&mut ids, "1", 10), &mut fx);
+        push_framed(&mut q, framed(&mut ids, "2", 10), &mut fx);
+        // The first goes out still sharing its frame's buffer; the second waits and
+        // is copied.
+        q.dispatch(0, &mut fx);
+        assert_eq!(q.compact(100, 100, 100), 1);
+        assert!(!q.may_compact());
+        // The first comes back to the head: the next pass copies it too.
+        q.remove_consumer(cid(1), true, &mut fx);
+        assert_eq!(ready_shared(&q), [true, false]);
+        assert!(q.may_compact());
+        assert_eq!(q.compact(100, 100, 100), 1);
+        assert_eq!(ready_shared(&q), [false, false]);
+        // A look budget of one walks one message per pass.
+        let mut q = queue(QueueSpec::default());
+        push_framed(&mut q, framed(&mut ids, "3", 10), &mut fx);
+        push_framed(&mut q, framed(&mut ids, "4", 10), &mut fx);
+        assert_eq!(q.compact(100, 1, 100), 1);
+        assert_eq!(ready_shared(&q), [false, true]);
     }
 
     #[test]
