@@ -135,9 +135,58 @@ struct Unacked {
     base: u64,
     slots: VecDeque<Option<Entry>>,
     live: usize,
+    /// Deliveries with a sequence below this have been looked at by
+    /// [`Unacked::copy_waiting`].
+    looked_below: u64,
+}
+
+/// What one pass of [`QueueState::compact`] may still do.
+struct CopyBudget {
+    looks: usize,
+    copies: usize,
+}
+
+impl CopyBudget {
+    /// Looks at `e`, published before `before_ms`, and copies it out of its frame's
+    /// buffer if it still shares one. False when the pass must stop here: `e` is too
+    /// young (so are the ones after it) or the budget is spent.
+    fn visit(&mut self, e: &mut Entry, before_ms: u64) -> bool {
+        if self.looks == 0 || e.msg.published_at >= before_ms {
+            return false;
+        }
+        if e.msg.shares_buffer() {
+            if self.copies == 0 {
+                return false;
+            }
+            e.msg = Arc::new(e.msg.compacted());
+            self.copies -= 1;
+        }
+        self.looks -= 1;
+        true
+    }
 }
 
 impl Unacked {
+    /// Copies deliveries held since before `before_ms` out of their frames' buffers
+    /// (see [`QueueState::compact`]), going on from where the last pass stopped.
+    fn copy_waiting(&mut self, before_ms: u64, budget: &mut CopyBudget) {
+        let from =
+            usize::try_from(self.looked_below.saturating_sub(self.base)).unwrap_or(usize::MAX);
+        for (i, slot) in self.slots.iter_mut().enumerate().skip(from) {
+            if let Some(e) = slot {
+                if !budget.visit(e, before_ms) {
+                    return;
+                }
+            }
+            self.looked_below = self.base + i as u64 + 1;
+        }
+    }
+
+    /// True when some delivery has not been looked at yet.
+    fn may_copy(&self) -> bool {
+        self.base + (self.slots.len() as u64) > self.looked_below
+    }
+
     fn push(&mut self, dseq: u64, e: Entry) {
         if self.slots.is_empty() {
             self.base = dseq;
@@ -350,9 +399,9 @@ impl QueueState {
         fx.freed += e.msg.weight();
     }
 
-    /// Copies ready messages published before `before_ms` out of the read buffer their
-    /// frame arrived in; looks at `max_looks` messages at most and copies `max_copies`
-    /// at most; returns how many it copied.
+    /// Copies ready and unacked messages published before `before_ms` out of the read
+    /// buffer their frame arrived in; looks at `max_looks` messages at most and copies
+    /// `max_copies` at most; returns how many it copied.
     ///
     /// A published message's text is a slice of its connection's read buffer (no copy
     /// on the hot path), and a slice keeps the whole buffer alive, with every other
@@ -365,33 +414,35 @@ impl QueueState {
     ///
     /// Ready messages keep the order of their `seq` (requeued ones, with their old
     /// seqs, go back to the head and lower `compacted_below`), so the ones already
-    /// looked at are a prefix, found by binary search.
+    /// looked at are a prefix, found by binary search; a consumer's unacked ones are
+    /// in delivery order and each consumer keeps its own mark. Unacked messages are
+    /// bounded by the prefetch, but a prefetch of 0 allows 65,536 per consumer.
     pub fn compact(&mut self, before_ms: u64, max_looks: usize, max_copies: usize) -> usize {
+        let mut budget = CopyBudget {
+            looks: max_looks,
+            copies: max_copies,
+        };
         let below = self.compacted_below;
         let start = self.ready.partition_point(|e| e.seq < below);
-        let mut copies = 0;
-        for e in self.ready.range_mut(start..).take(max_looks) {
-            if e.msg.published_at >= before_ms {
+        for e in self.ready.range_mut(start..) {
+            if !budget.visit(e, before_ms) {
                 break;
-            }
-            if e.msg.shares_buffer() {
-                if copies == max_copies {
-                    break;
-                }
-                e.msg = Arc::new(e.msg.compacted());
-                copies += 1;
             }
             self.compacted_below = e.seq.saturating_add(1);
         }
-        copies
+        for c in &mut self.consumers {
+            c.unacked.copy_waiting(before_ms, &mut budget);
+        }
+        max_copies - budget.copies
     }
 
-    /// True when some ready message may still share its frame's read buffer: the
-    /// shard's tick calls [`QueueState::compact`] only for these.
+    /// True when some ready or unacked message has not been looked at yet: the
+    /// shard's tick calls [`QueueState::compact`] only for these queues.
     pub fn may_compact(&self) -> bool {
         self.ready
             .back()
             .is_some_and(|e| e.seq >= self.compacted_below)
+            || self.consumers.iter().any(|c| c.unacked.may_copy())
     }
 
     /// Drops expired messages at the head (dead-lettering them).
@@ -783,22 +834,64 @@ mod tests {
         push_framed(&mut q, framed(&mut ids, "1", 10), &mut fx);
         push_framed(&mut q, framed(&mut ids, "2", 10), &mut fx);
         // The first goes out still sharing its frame's buffer; the second waits and
-        // is copied.
+        // is copied (a pass looks at ready messages first; one look is spent here).
         q.dispatch(0, &mut fx);
-        assert_eq!(q.compact(100, 100, 100), 1);
-        assert!(!q.may_compact());
-        // The first comes back to the head: the next pass copies it too.
+        assert_eq!(q.compact(100, 1, 100), 1);
+        assert_eq!(ready_shared(&q), [false]);
+        // The first comes back to the head unlooked-at: the next pass copies it.
         q.remove_consumer(cid(1), true, &mut fx);
         assert_eq!(ready_shared(&q), [true, false]);
         assert!(q.may_compact());
-        assert_eq!(q.compact(100, 100, 100), 1);
+        assert_eq!(q.compact(100, 1, 100), 1);
         assert_eq!(ready_shared(&q), [false, false]);
+        // The second is looked at again (the requeue lowered the mark) and left as is.
+        assert_eq!(q.compact(100, 100, 100), 0);
+        assert!(!q.may_compact());
         // A look budget of one walks one message per pass.
         let mut q = queue(QueueSpec::default());
         push_framed(&mut q, framed(&mut ids, "3", 10), &mut fx);
         push_framed(&mut q, framed(&mut ids, "4", 10), &mut fx);
         assert_eq!(q.compact(100, 1, 100), 1);
         assert_eq!(ready_shared(&q), [false, true]);
+    }
+
+    #[test]
+    fn compact_copies_unacked_deliveries_that_wait() {
+        let mut ids = IdGen::new(0);
+        let mut q = queue(QueueSpec::default());
+        let mut fx = Effects::default();
+        // Prefetch 0: as many unacked as the cap allows.
+        q.add_consumer(cid(1), AckMode::Manual, 0);
+        for i in 0..3 {
+            push_framed(&mut q, framed(&mut ids, &format!("{i}"), 10), &mut fx);
+        }
+        q.dispatch(0, &mut fx);
+        assert_eq!(q.ready_len(), 0);
+        let held = |q: &QueueState| -> Vec<bool> {
+            q.consumers[0]
+                .unacked
+                .slots
+                .iter()
+                .flatten()
+                .map(|e| e.msg.shares_buffer())
+                .collect()
+        };
+        assert!(q.may_compact());
+        assert_eq!(q.compact(10, 100, 100), 0, "not old enough");
+        assert_eq!(q.compact(11, 100, 2), 2);
+        assert_eq!(held(&q), [false, false, true]);
+        assert_eq!(q.compact(11, 100, 100), 1);
+        assert!(!q.may_compact());
+        // The copies settle as the deliveries did: an ACK of the first takes it.
+        q.ack(cid(1), 1, false, &mut fx);
+        assert_eq!(held(&q), [false, false]);
+        assert_eq!(q.handle().counts.unacked.load(Ordering::Relaxed), 2);
+        // A new delivery is looked at in its turn.
+        push_framed(&mut q, framed(&mut ids, "3", 10), &mut fx);
+        q.dispatch(0, &mut fx);
+        assert!(q.may_compact());
+        assert_eq!(q.compact(11, 100, 100), 1);
+        assert_eq!(held(&q), [false, false, false]);
     }
 
     #[test]

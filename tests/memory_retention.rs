@@ -7,7 +7,8 @@
 //! dropped at once) used to keep a whole read buffer per kept message, while the memory
 //! high-water mark, which the contract says bounds the server's memory, counted only
 //! the messages' own bytes: 2,000 kept messages (487 KiB counted) held 63 MiB. The
-//! server now copies a message that has waited out of its buffer, once.
+//! server now copies a message that has waited out of its buffer, once, whether it
+//! waits ready in the queue or delivered to a consumer that has not acked it.
 //!
 //! Measured where it matters, in the real server's resident memory (`VmRSS`), with a
 //! bound far from both sides: without the copy the growth is tens of MiB here, with it
@@ -62,32 +63,54 @@ fn publish_mix(p: &mut Ws, first: u64, n: u64) {
     p.ws.flush().unwrap();
 }
 
-fn wait_ready(s: &Server, n: u64) {
+/// Waits until the kept queue holds `n` messages, ready or (with `unacked`) delivered
+/// and not acked.
+fn wait_held(s: &Server, n: u64, unacked: bool) {
+    let field = if unacked {
+        "messages_unacked"
+    } else {
+        "messages_ready"
+    };
     wait_until(
         "the kept queue to hold its messages",
         RECV_TIMEOUT * 6,
-        || s.queue_info("keep")["messages_ready"].as_u64() == Some(n),
+        || s.queue_info("keep")[field].as_u64() == Some(n),
     );
 }
 
-#[test]
-fn a_queue_that_keeps_one_message_in_a_hundred_does_not_keep_their_read_buffers() {
+/// Publishes a warm-up round and then [`MESSAGES`], one in [`KEEP_EVERY`] kept in
+/// queue `keep` (ready, or with `unacked` delivered to a manual-ack subscriber with no
+/// prefetch limit that never acks), and holds the server's RSS growth over the
+/// measured round to [`ALLOWED_PER_KEPT`] per kept message. Returns the server and the
+/// subscriber, if any.
+fn publish_and_measure(unacked: bool) -> (Server, Option<Ws>) {
     let s = Server::start();
     s.exchange("x", "direct");
     s.queue_with("keep", serde_json::json!({"durable": false}));
     s.bind("x", "keep", "keep");
+    let mut sub = unacked.then(|| {
+        let mut w = s.ws();
+        w.subscribe_manual("keep", 0);
+        w
+    });
     let mut p = s.ws();
-    // A first round brings the allocator and the connection's buffers to their
+    // A first round brings the allocator and the connections' buffers to their
     // working size, so the measured growth is what the kept messages hold.
     publish_mix(&mut p, 0, MESSAGES / 10);
     let warm = MESSAGES / 10 / KEEP_EVERY;
-    wait_ready(&s, warm);
+    wait_held(&s, warm, unacked);
     std::thread::sleep(Duration::from_millis(500));
     let before = rss_bytes(&s);
 
     publish_mix(&mut p, MESSAGES / 10, MESSAGES);
     let kept = MESSAGES / KEEP_EVERY;
-    wait_ready(&s, warm + kept);
+    wait_held(&s, warm + kept, unacked);
+    if let Some(w) = sub.as_mut() {
+        // Read what was delivered, so nothing waits in the server's write buffer.
+        for _ in 0..warm + kept {
+            w.expect_message();
+        }
+    }
     // Messages are copied once they have waited, and freed buffers go back to the
     // system a little after: wait for the growth to come under the bound, or fail.
     let deadline = std::time::Instant::now() + SETTLE;
@@ -106,20 +129,48 @@ fn a_queue_that_keeps_one_message_in_a_hundred_does_not_keep_their_read_buffers(
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    (s, sub)
+}
 
+/// The kept messages' `i`, in publish order.
+fn kept_ids() -> Vec<u64> {
+    (0..MESSAGES / 10 + MESSAGES)
+        .filter(|i| i % KEEP_EVERY == 0)
+        .collect()
+}
+
+fn assert_whole(m: &serde_json::Value) {
+    assert_eq!(m["body"]["p"].as_str().map(str::len), Some(100), "{m}");
+    assert_eq!(m["routing_key"], "keep", "{m}");
+    assert_eq!(m["exchange"], "x", "{m}");
+}
+
+#[test]
+fn a_queue_that_keeps_one_message_in_a_hundred_does_not_keep_their_read_buffers() {
+    let (s, _) = publish_and_measure(false);
     // Nothing a client sees changed: every kept message comes out whole, in order.
     let got = s.drain("keep", RECV_TIMEOUT * 6);
     let ids: Vec<u64> = got
         .iter()
         .map(|m| m["body"]["i"].as_u64().expect("body.i"))
         .collect();
-    let want: Vec<u64> = (0..MESSAGES / 10 + MESSAGES)
-        .filter(|i| i % KEEP_EVERY == 0)
-        .collect();
-    assert_eq!(ids, want);
-    assert!(got
+    assert_eq!(ids, kept_ids());
+    got.iter().for_each(assert_whole);
+}
+
+#[test]
+fn unacked_deliveries_held_by_a_consumer_do_not_keep_their_read_buffers() {
+    let (s, sub) = publish_and_measure(true);
+    // The consumer goes away without acking: every held message comes back whole, in
+    // order, marked redelivered.
+    drop(sub);
+    wait_held(&s, 0, true);
+    let got = s.drain("keep", RECV_TIMEOUT * 6);
+    let ids: Vec<u64> = got
         .iter()
-        .all(|m| m["body"]["p"].as_str().map(str::len) == Some(100)
-            && m["routing_key"] == "keep"
-            && m["exchange"] == "x"));
+        .map(|m| m["body"]["i"].as_u64().expect("body.i"))
+        .collect();
+    assert_eq!(ids, kept_ids());
+    got.iter().for_each(assert_whole);
+    assert!(got.iter().all(|m| m["redelivered"] == true));
 }
