@@ -265,18 +265,73 @@ impl Consumer {
     }
 }
 
+/// A queue's ready messages, oldest first, with how many at the head
+/// [`QueueState::compact`] has looked at. Every change at the head keeps that count
+/// right (a message taken off the head takes one off it; one put back before them
+/// starts it again), so a pass goes on where the last one stopped without walking a
+/// long queue again. Reading goes through `Deref`; changes only through these methods.
+#[derive(Default)]
+struct Ready {
+    entries: VecDeque<Entry>,
+    looked: usize,
+}
+
+impl std::ops::Deref for Ready {
+    type Target = VecDeque<Entry>;
+    fn deref(&self) -> &VecDeque<Entry> {
+        &self.entries
+    }
+}
+
+impl Ready {
+    fn push_back(&mut self, e: Entry) {
+        self.entries.push_back(e);
+    }
+
+    fn pop_front(&mut self) -> Option<Entry> {
+        let e = self.entries.pop_front()?;
+        self.looked = self.looked.saturating_sub(1);
+        Some(e)
+    }
+
+    /// Puts `e` back at the head (a requeue): the messages looked at are no longer
+    /// the head, so the next pass looks from the start again.
+    fn push_front(&mut self, e: Entry) {
+        self.entries.push_front(e);
+        self.looked = 0;
+    }
+
+    fn drain(&mut self) -> std::collections::vec_deque::Drain<'_, Entry> {
+        self.looked = 0;
+        self.entries.drain(..)
+    }
+
+    /// Copies, within `budget`, the messages after the looked-at head that were
+    /// published before `before_ms` ([`CopyBudget::visit`]).
+    fn copy_waiting(&mut self, before_ms: u64, budget: &mut CopyBudget) {
+        for e in self.entries.iter_mut().skip(self.looked) {
+            if !budget.visit(e, before_ms) {
+                return;
+            }
+            self.looked += 1;
+        }
+    }
+
+    /// True when some message has not been looked at yet.
+    fn may_copy(&self) -> bool {
+        self.looked < self.entries.len()
+    }
+}
+
 /// A queue's state on its home shard.
 pub struct QueueState {
     handle: Arc<QueueHandle>,
-    ready: VecDeque<Entry>,
+    ready: Ready,
     consumers: Vec<Consumer>,
     rr: usize,
     next_seq: u64,
     unacked_total: usize,
     scratch: Vec<Entry>,
-    /// Ready messages with a `seq` below this have been looked at by
-    /// [`QueueState::compact`] (copied, or found with a buffer of their own).
-    compacted_below: u64,
 }
 
 impl QueueState {
@@ -284,13 +339,12 @@ impl QueueState {
     pub fn new(handle: Arc<QueueHandle>, next_seq: u64) -> Self {
         Self {
             handle,
-            ready: VecDeque::new(),
+            ready: Ready::default(),
             consumers: Vec::new(),
             rr: 0,
             next_seq,
             unacked_total: 0,
             scratch: Vec::new(),
-            compacted_below: 0,
         }
     }
 
@@ -412,24 +466,16 @@ impl QueueState {
     /// kept messages of 487 KiB held 63 MiB. A message that waits is copied once, here,
     /// on its queue's home shard, and the buffer goes when its other messages are done.
     ///
-    /// Ready messages keep the order of their `seq` (requeued ones, with their old
-    /// seqs, go back to the head and lower `compacted_below`), so the ones already
-    /// looked at are a prefix, found by binary search; a consumer's unacked ones are
-    /// in delivery order and each consumer keeps its own mark. Unacked messages are
-    /// bounded by the prefetch, but a prefetch of 0 allows 65,536 per consumer.
+    /// The ready list counts how many at its head were looked at ([`Ready`]); a
+    /// consumer's unacked deliveries are in delivery order and each consumer keeps its
+    /// own mark. Unacked messages are bounded by the prefetch, but a prefetch of 0
+    /// allows 65,536 per consumer.
     pub fn compact(&mut self, before_ms: u64, max_looks: usize, max_copies: usize) -> usize {
         let mut budget = CopyBudget {
             looks: max_looks,
             copies: max_copies,
         };
-        let below = self.compacted_below;
-        let start = self.ready.partition_point(|e| e.seq < below);
-        for e in self.ready.range_mut(start..) {
-            if !budget.visit(e, before_ms) {
-                break;
-            }
-            self.compacted_below = e.seq.saturating_add(1);
-        }
+        self.ready.copy_waiting(before_ms, &mut budget);
         for c in &mut self.consumers {
             c.unacked.copy_waiting(before_ms, &mut budget);
         }
@@ -439,10 +485,7 @@ impl QueueState {
     /// True when some ready or unacked message has not been looked at yet: the
     /// shard's tick calls [`QueueState::compact`] only for these queues.
     pub fn may_compact(&self) -> bool {
-        self.ready
-            .back()
-            .is_some_and(|e| e.seq >= self.compacted_below)
-            || self.consumers.iter().any(|c| c.unacked.may_copy())
+        self.ready.may_copy() || self.consumers.iter().any(|c| c.unacked.may_copy())
     }
 
     /// Drops expired messages at the head (dead-lettering them).
@@ -565,10 +608,6 @@ impl QueueState {
 
     fn requeue_front(&mut self, entries: &mut Vec<Entry>, mark: bool) {
         let n = entries.len();
-        // Back at the head with their old seqs: [`QueueState::compact`] looks again.
-        if let Some(low) = entries.iter().map(|e| e.seq).min() {
-            self.compacted_below = self.compacted_below.min(low);
-        }
         self.unacked_total -= n.min(self.unacked_total);
         for mut e in entries.drain(..).rev() {
             if mark {
@@ -673,7 +712,7 @@ impl QueueState {
     /// `POST /queues/{name}/purge`: drops ready messages, keeps unacked ones.
     pub fn purge(&mut self, fx: &mut Effects) -> usize {
         let n = self.ready.len();
-        let drained: Vec<Entry> = self.ready.drain(..).collect();
+        let drained: Vec<Entry> = self.ready.drain().collect();
         for e in drained {
             self.discard(e, false, fx);
         }
@@ -688,7 +727,7 @@ impl QueueState {
                 fx.cancelled.push(c.id);
             }
         }
-        for e in self.ready.drain(..) {
+        for e in self.ready.drain() {
             fx.freed += e.msg.weight();
         }
         self.unacked_total = 0;
@@ -853,6 +892,26 @@ mod tests {
         push_framed(&mut q, framed(&mut ids, "4", 10), &mut fx);
         assert_eq!(q.compact(100, 1, 100), 1);
         assert_eq!(ready_shared(&q), [false, true]);
+    }
+
+    #[test]
+    fn compact_finds_a_requeued_message_ahead_of_an_older_one() {
+        let mut ids = IdGen::new(0);
+        let mut q = queue(QueueSpec::default());
+        let mut fx = Effects::default();
+        q.add_consumer(cid(1), AckMode::Manual, 2);
+        push_framed(&mut q, framed(&mut ids, "1", 10), &mut fx);
+        push_framed(&mut q, framed(&mut ids, "2", 10), &mut fx);
+        q.dispatch(0, &mut fx);
+        // The first comes back and is copied; the second is still out, unlooked-at.
+        q.nack(cid(1), 1, false, true, &mut fx);
+        assert_eq!(q.compact(100, 1, 100), 1);
+        // Now the second comes back, ahead of the first (which has the lower seq).
+        q.nack(cid(1), 2, false, true, &mut fx);
+        assert_eq!(ready_shared(&q), [true, false]);
+        assert!(q.may_compact());
+        assert_eq!(q.compact(100, 100, 100), 1);
+        assert_eq!(ready_shared(&q), [false, false]);
     }
 
     #[test]
