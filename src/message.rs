@@ -288,6 +288,7 @@ impl MessageText {
     /// The same text in a buffer of its own, sized to its pieces.
     pub fn compacted(&self) -> MessageText {
         let key_json = (!self.key_json.is_empty()).then(|| self.piece(&self.key_json));
+        // No piece lies in an empty buffer, so `new` copies them all into one.
         MessageText::new(
             &Bytes::new(),
             self.exchange_json(),
@@ -368,24 +369,19 @@ impl Message {
     /// same id, times and flags, so nothing a client sees changes.
     pub fn compacted(&self) -> Message {
         Message {
-            id: self.id,
             text: self.text.compacted(),
             headers: self.headers.as_deref().map(Bytes::copy_from_slice),
-            published_at: self.published_at,
-            expires_at: self.expires_at,
-            persistent: self.persistent,
+            ..*self
         }
     }
 
     /// A copy for dead-lettering: same id and body, no per-message expiry.
     pub fn for_dead_letter(self: &Arc<Self>) -> Arc<Self> {
         Arc::new(Message {
-            id: self.id,
             text: self.text.clone(),
             headers: self.headers.clone(),
-            published_at: self.published_at,
             expires_at: None,
-            persistent: self.persistent,
+            ..**self
         })
     }
 }

@@ -1514,9 +1514,8 @@ impl Shard {
                 break;
             }
             if q.may_compact() {
-                budget -= q
-                    .compact(before, COMPACT_LOOKS_PER_QUEUE, budget)
-                    .min(budget);
+                // `compact` copies `budget` messages at most.
+                budget -= q.compact(before, COMPACT_LOOKS_PER_QUEUE, budget);
             }
         }
     }
