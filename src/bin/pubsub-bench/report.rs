@@ -162,25 +162,29 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Resident set size of a process tree rooted at `pid` (RabbitMQ's beam has children).
-pub fn tree_rss_kib(pid: u32) -> Option<u64> {
-    let mut total = rss_kib(pid)?;
+/// `own(pid)` summed over the process tree rooted at `pid` (RabbitMQ's beam has
+/// children); `None` when `own` has nothing for `pid` itself.
+fn tree_sum(pid: u32, own: fn(u32) -> Option<u64>) -> Option<u64> {
+    let mut total = own(pid)?;
     if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
         for c in children
             .split_whitespace()
             .filter_map(|c| c.parse::<u32>().ok())
         {
-            total += tree_rss_kib(c).unwrap_or(0);
+            total = total.saturating_add(tree_sum(c, own).unwrap_or(0));
         }
     }
     Some(total)
 }
 
-/// CPU time in nanoseconds that the live threads of `pid` and of its child processes
-/// have run (`/proc/<pid>/task/*/schedstat`, first field); `None` without schedstat.
-/// A server's threads live as long as it does, so the difference of two readings is
-/// what the server spent in between.
-pub fn tree_cpu_ns(pid: u32) -> Option<u64> {
+/// Resident set size of a process tree rooted at `pid`, in KiB.
+pub fn tree_rss_kib(pid: u32) -> Option<u64> {
+    tree_sum(pid, rss_kib)
+}
+
+/// CPU time in nanoseconds that the live threads of `pid` have run
+/// (`/proc/<pid>/task/*/schedstat`, first field); `None` without schedstat.
+fn cpu_ns(pid: u32) -> Option<u64> {
     let mut total = 0u64;
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
         let Ok(task) = task else { continue };
@@ -190,15 +194,13 @@ pub fn tree_cpu_ns(pid: u32) -> Option<u64> {
         let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
         total = total.saturating_add(ns);
     }
-    if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
-        for c in children
-            .split_whitespace()
-            .filter_map(|c| c.parse::<u32>().ok())
-        {
-            total = total.saturating_add(tree_cpu_ns(c).unwrap_or(0));
-        }
-    }
     Some(total)
+}
+
+/// [`cpu_ns`] of the process tree rooted at `pid`. A server's threads live as long as
+/// it does, so the difference of two readings is what the server spent in between.
+pub fn tree_cpu_ns(pid: u32) -> Option<u64> {
+    tree_sum(pid, cpu_ns)
 }
 
 /// CPU time in nanoseconds this process has used, threads that ended included
