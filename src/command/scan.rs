@@ -256,7 +256,9 @@ impl<'a> Cursor<'a> {
                 b"persistent" if f.persistent.is_none() => f.persistent = Some(self.boolean()?),
                 b"ttl_ms" if f.ttl_ms.is_none() => f.ttl_ms = Some(self.unsigned()?),
                 b"headers" if f.headers.is_none() && self.peek()? == b'{' => {
-                    self.string_object()?;
+                    // An object of strings; its keys may repeat, as serde_json's
+                    // map keeps the last.
+                    self.object(Self::string)?;
                     f.headers = Some(at..self.i);
                 }
                 b"ref" if f.reference.is_none() => f.reference = Some(self.plain_string()?),
@@ -305,12 +307,6 @@ impl<'a> Cursor<'a> {
             .ok()?
             .parse()
             .ok()
-    }
-
-    /// An object whose values are all strings (a publish's `headers`), checked and
-    /// skipped. Its keys may repeat, as `serde_json`'s map keeps the last.
-    fn string_object(&mut self) -> Option<()> {
-        self.object(Self::string)
     }
 
     /// An object, `{` then `"key": value` members `}`, checked and skipped; `value`
