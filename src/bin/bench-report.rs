@@ -607,12 +607,12 @@ fn ab_report(runs: &[Run]) -> String {
     };
     // The server's CPU per delivered message, where the runs carry it: a change too
     // small to move the rate on two shared cores can still show here.
-    columns.push(("server_cpu_ns_per_msg", "server CPU ns/msg", 0));
+    const CPU: &str = "server_cpu_ns_per_msg";
+    if !metric(&old, CPU).is_empty() || !metric(&new, CPU).is_empty() {
+        columns.push((CPU, "server CPU ns/msg", 0));
+    }
     for (key, label, decimals) in columns {
         let (a, b) = (metric(&old, key), metric(&new, key));
-        if a.is_empty() && b.is_empty() && key == "server_cpu_ns_per_msg" {
-            continue;
-        }
         let list = |v: &[f64]| {
             let mut v = v.to_vec();
             v.sort_by(f64::total_cmp);
