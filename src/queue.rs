@@ -822,6 +822,20 @@ mod tests {
         q.enqueue(m, None, 0, fx);
     }
 
+    /// A queue with one manual-ack consumer (`prefetch`) that `n` framed messages,
+    /// published at 10 ms, were pushed to and dispatched from.
+    fn dispatched_framed(prefetch: u32, n: usize) -> (IdGen, QueueState, Effects) {
+        let mut ids = IdGen::new(0);
+        let mut q = queue(QueueSpec::default());
+        let mut fx = Effects::default();
+        q.add_consumer(cid(1), AckMode::Manual, prefetch);
+        for i in 0..n {
+            push_framed(&mut q, framed(&mut ids, &format!("{i}"), 10), &mut fx);
+        }
+        q.dispatch(0, &mut fx);
+        (ids, q, fx)
+    }
+
     fn ready_shared(q: &QueueState) -> Vec<bool> {
         q.ready.iter().map(|e| e.msg.shares_buffer()).collect()
     }
@@ -866,15 +880,9 @@ mod tests {
 
     #[test]
     fn compact_looks_again_at_requeued_messages() {
-        let mut ids = IdGen::new(0);
-        let mut q = queue(QueueSpec::default());
-        let mut fx = Effects::default();
-        q.add_consumer(cid(1), AckMode::Manual, 1);
-        push_framed(&mut q, framed(&mut ids, "1", 10), &mut fx);
-        push_framed(&mut q, framed(&mut ids, "2", 10), &mut fx);
         // The first goes out still sharing its frame's buffer; the second waits and
         // is copied (a pass looks at ready messages first; one look is spent here).
-        q.dispatch(0, &mut fx);
+        let (mut ids, mut q, mut fx) = dispatched_framed(1, 2);
         assert_eq!(q.compact(100, 1, 100), 1);
         assert_eq!(ready_shared(&q), [false]);
         // The first comes back to the head unlooked-at: the next pass copies it.
@@ -883,7 +891,8 @@ mod tests {
         assert!(q.may_compact());
         assert_eq!(q.compact(100, 1, 100), 1);
         assert_eq!(ready_shared(&q), [false, false]);
-        // The second is looked at again (the requeue lowered the mark) and left as is.
+        // The second is looked at again (the requeue started the count again) and
+        // left as is.
         assert_eq!(q.compact(100, 100, 100), 0);
         assert!(!q.may_compact());
         // A look budget of one walks one message per pass.
@@ -896,13 +905,7 @@ mod tests {
 
     #[test]
     fn compact_finds_a_requeued_message_ahead_of_an_older_one() {
-        let mut ids = IdGen::new(0);
-        let mut q = queue(QueueSpec::default());
-        let mut fx = Effects::default();
-        q.add_consumer(cid(1), AckMode::Manual, 2);
-        push_framed(&mut q, framed(&mut ids, "1", 10), &mut fx);
-        push_framed(&mut q, framed(&mut ids, "2", 10), &mut fx);
-        q.dispatch(0, &mut fx);
+        let (_, mut q, mut fx) = dispatched_framed(2, 2);
         // The first comes back and is copied; the second is still out, unlooked-at.
         q.nack(cid(1), 1, false, true, &mut fx);
         assert_eq!(q.compact(100, 1, 100), 1);
@@ -916,15 +919,8 @@ mod tests {
 
     #[test]
     fn compact_copies_unacked_deliveries_that_wait() {
-        let mut ids = IdGen::new(0);
-        let mut q = queue(QueueSpec::default());
-        let mut fx = Effects::default();
         // Prefetch 0: as many unacked as the cap allows.
-        q.add_consumer(cid(1), AckMode::Manual, 0);
-        for i in 0..3 {
-            push_framed(&mut q, framed(&mut ids, &format!("{i}"), 10), &mut fx);
-        }
-        q.dispatch(0, &mut fx);
+        let (mut ids, mut q, mut fx) = dispatched_framed(0, 3);
         assert_eq!(q.ready_len(), 0);
         let held = |q: &QueueState| -> Vec<bool> {
             q.consumers[0]
